@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every GPU check in one run (the device machine has no diffusers: it travels as a wheel in .whl/).
+# Writes its log and results under $OUT. Parts are ordered by priority and each has its own timeout.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+
+echo "== tiny cascade on CUDA, twice (reproducibility)"
+for run in 1 2; do
+  timeout 120 python3 -m renderer.cli --model tiny --prompt "a green creature" --size 1024x1024 --steps 20 --device cuda --quiet --out /tmp/tiny$run.png
+done
+cmp /tmp/tiny1.png /tmp/tiny2.png && echo "tiny CUDA renders byte-identical"
+
+echo "== sdxl-random 1024 -> 2048 fp16, FreeScale vs direct"
+timeout 240 python3 bench/cascade.py --model sdxl-random --device cuda --stages 1024x1024,2048x2048 --steps 50
+
+echo "== train the toy model on the GPU"
+timeout 330 python3 -m renderer.toy.train --out renderer/models/toy_weights --device cuda --threads 16 \
+  --vae-steps 1500 --unet-steps 4000 --batch 16 --log-every 500 && \
+  tar -cf /tmp/toy.tar -C renderer/models toy_weights && split -b 15M /tmp/toy.tar "$OUT/toy.tar.part-"
+
+echo "== quality benchmark on the GPU"
+timeout 300 python3 bench/quality.py --device cuda --seeds 8 --steps 50 --out-dir "$OUT/quality"

@@ -1,0 +1,150 @@
+"""Scale fusion (§4): every self-attention output = G(local windows) + global − G(global).
+
+Installed as a diffusers attention processor on each `attn1`. The projections run once on the
+(zero-padded) token grid; the local branch gathers every window of a non-overlapping group at once and
+runs them as one batched attention; the global branch is one full attention (or, in fast mode, all
+strided sub-grids as one batch). Because G is linear, G(local) + global − G(global) is computed as
+global + G(local − global), one blur instead of two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from freescale_core.blur import gaussian_blur, kernel_size
+from freescale_core.windows import WindowPlan, plan_windows, window_shape
+
+
+@dataclass(frozen=True)
+class StageGeometry:
+    """What the attention processors need to know about the current upscaling stage."""
+
+    size_px: tuple[int, int]  # (H, W) of the stage in pixels
+    vae_scale: int
+    train_latent: int  # unet.config.sample_size
+    scale: tuple[int, int]  # (s_h, s_w)
+    step_index: int
+    seed: int
+    fusion_blur: str
+    window_jitter: bool
+    fast_mode: bool
+
+    @property
+    def latent(self) -> tuple[int, int]:
+        return self.size_px[0] // self.vae_scale, self.size_px[1] // self.vae_scale
+
+    def grid_for(self, tokens: int) -> tuple[tuple[int, int], int]:
+        """The (h, w) token grid of a block with `tokens` tokens, and its downsampling from the latent."""
+        h, w = self.latent
+        downsample = 1
+        while h * w > tokens and h % 2 == 0 and w % 2 == 0:
+            h, w, downsample = h // 2, w // 2, downsample * 2
+        if h * w != tokens:
+            raise ValueError(f"{tokens} tokens do not form a grid of the {self.latent} latent")
+        return (h, w), downsample
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., C) → (..., heads, C/heads)."""
+    return x.unflatten(-1, (heads, x.shape[-1] // heads))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Batched attention over token sequences shaped (N, L, heads, d); returns (N, L, heads·d)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
+
+
+def project(attn: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of `tokens` (..., C), split into heads (..., heads, d), with the module's q/k norms."""
+    q, k, v = (split_heads(layer(tokens), attn.heads) for layer in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
+def window_index(plan: WindowPlan, views: torch.Tensor, window: tuple[int, int], device) -> torch.Tensor:
+    """Flat indices into the padded grid of the tokens of `views`: (len(views), wh·ww)."""
+    rows = plan.starts_h[views, None] + torch.arange(window[0])
+    cols = plan.starts_w[views, None] + torch.arange(window[1])
+    flat = rows[:, :, None] * plan.padded_shape[1] + cols[:, None, :]
+    return flat.flatten(1).to(device)
+
+
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, window: tuple[int, int]
+) -> torch.Tensor:
+    """Uniform average of windowed attention over a padded grid; q/k/v (B, P, heads, d) → (B, P, heads·d)."""
+    batch, padded_tokens, heads, head_dim = q.shape
+    total = q.new_zeros(batch, padded_tokens, heads * head_dim)
+    count = q.new_zeros(padded_tokens)
+    for views in plan.groups():
+        index = window_index(plan, views, window, q.device)  # (V, n); disjoint windows within a group
+        flat = index.flatten()
+        gathered = [t[:, flat].unflatten(1, index.shape).flatten(0, 1) for t in (q, k, v)]
+        out = attend(*gathered).unflatten(0, (batch, len(views)))  # (B, V, n, heads·d)
+        total.index_add_(1, flat, out.flatten(1, 2))
+        count.index_add_(0, flat, torch.ones_like(flat, dtype=count.dtype))
+    return total / count.clamp(min=1)[None, :, None]
+
+
+def strided_global_attention(q, k, v, grid: tuple[int, int], scale: tuple[int, int]) -> torch.Tensor:
+    """Fast mode: attention within each strided sub-grid x[a::s_h, b::s_w], all sub-grids as one batch."""
+    batch, heads, head_dim = q.shape[0], q.shape[2], q.shape[3]
+    sh, sw = scale
+    h, w = grid
+
+    def to_subgrids(t: torch.Tensor) -> torch.Tensor:
+        t = t.view(batch, h // sh, sh, w // sw, sw, heads, head_dim)
+        return t.permute(0, 2, 4, 1, 3, 5, 6).reshape(batch * sh * sw, (h // sh) * (w // sw), heads, head_dim)
+
+    out = attend(to_subgrids(q), to_subgrids(k), to_subgrids(v))
+    out = out.view(batch, sh, sw, h // sh, w // sw, heads * head_dim)
+    return out.permute(0, 3, 1, 4, 2, 5).reshape(batch, h * w, heads * head_dim)
+
+
+class ScaleFusionProcessor:
+    """Replaces the processor of one `attn1`; `block_index` keys its window-jitter stream."""
+
+    def __init__(self, geometry: StageGeometry, block_index: int):
+        self.geometry = geometry
+        self.block_index = block_index
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
+            raise ValueError("scale fusion applies to self-attention on (B, L, C) tokens without a mask")
+        geometry = self.geometry
+        batch, tokens, channels = hidden_states.shape
+        grid, downsample = geometry.grid_for(tokens)
+        window = window_shape(grid, geometry.size_px, geometry.train_latent, downsample)
+        plan = plan_windows(
+            grid, window, geometry.window_jitter, geometry.seed,
+            key=(geometry.size_px, geometry.step_index, self.block_index),
+        )
+        pad_h, pad_w = plan.rows.jitter, plan.cols.jitter
+        padded = F.pad(hidden_states.view(batch, *grid, channels), (0, 0, pad_w, pad_w, pad_h, pad_h))
+        q, k, v = project(attn, padded.flatten(1, 2))
+        local = local_attention(q, k, v, plan, window)
+
+        def interior(t: torch.Tensor) -> torch.Tensor:
+            t = t.unflatten(1, plan.padded_shape)[:, pad_h : pad_h + grid[0], pad_w : pad_w + grid[1]]
+            return t.flatten(1, 2)
+
+        local = interior(local)
+        q, k, v = interior(q), interior(k), interior(v)
+        if geometry.fast_mode:
+            global_ = strided_global_attention(q, k, v, grid, geometry.scale)
+        else:
+            global_ = attend(q, k, v)
+        local, global_ = (attn.to_out[1](attn.to_out[0](t.to(hidden_states.dtype))) for t in (local, global_))
+        low_frequency_correction = gaussian_blur((local - global_).view(batch, *grid, channels), geometry.fusion_blur, kernel_size(geometry.scale))
+        fused = global_ + low_frequency_correction.flatten(1, 2)
+        if attn.residual_connection:
+            fused = fused + hidden_states
+        return fused / attn.rescale_output_factor

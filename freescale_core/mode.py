@@ -1,0 +1,71 @@
+"""`freescale_mode`: put a diffusers SDXL-style UNet into FreeScale mode for one UNet call of a stage."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
+
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from freescale_core.attention import ScaleFusionProcessor, StageGeometry
+from freescale_core.cascade import dilation_factor, scale_factors
+from freescale_core.config import FreeScaleConfig
+from freescale_core.dilation import dilate
+from freescale_core.freeu import freeu
+
+
+def self_attentions(unet: nn.Module) -> list[Attention]:
+    """Every transformer block's `attn1`, in module order (the order keys the window-jitter streams)."""
+    return [module for name, module in unet.named_modules() if name.endswith("attn1") and isinstance(module, Attention)]
+
+
+def train_px(unet: nn.Module, vae_scale: int = 8) -> int:
+    return unet.config.sample_size * vae_scale
+
+
+@contextmanager
+def swap_processors(modules: list[Attention], processors: list[object]) -> Iterator[None]:
+    saved = [module.processor for module in modules]
+    try:
+        for module, processor in zip(modules, processors):
+            module.processor = processor
+        yield
+    finally:
+        for module, processor in zip(modules, saved):
+            module.processor = processor
+
+
+@contextmanager
+def freeu_mode(unet: nn.Module, config: FreeScaleConfig) -> Iterator[None]:
+    """FreeU only (per config): what the base stage runs with."""
+    with ExitStack() as stack:
+        if config.freeu:
+            stack.enter_context(freeu(unet, config.freeu_b1, config.freeu_b2, config.freeu_s1, config.freeu_s2))
+        yield
+
+
+@contextmanager
+def freescale_mode(
+    unet: nn.Module, config: FreeScaleConfig, size: tuple[int, int], step_index: int, vae_scale: int = 8
+) -> Iterator[None]:
+    """FreeScale for an upscaling stage of H×W pixels at step `step_index`, restored exactly on exit.
+
+    Dilates the 9 restrained convs while step_index < config.dilate_tau, replaces every self-attention
+    with scale fusion, and applies FreeU if configured.
+    """
+    train = train_px(unet, vae_scale)
+    geometry = StageGeometry(
+        size_px=tuple(size), vae_scale=vae_scale, train_latent=unet.config.sample_size,
+        scale=scale_factors(size, train), step_index=step_index, seed=config.seed,
+        fusion_blur=config.fusion_blur, window_jitter=config.window_jitter, fast_mode=config.fast_mode,
+    )
+    with ExitStack() as stack:
+        if config.scale_fusion:
+            attentions = self_attentions(unet)
+            processors = [ScaleFusionProcessor(geometry, index) for index in range(len(attentions))]
+            stack.enter_context(swap_processors(attentions, processors))
+        if step_index < config.dilate_tau:
+            stack.enter_context(dilate(unet, dilation_factor(size[1], train), config.dilate_up_blocks))
+        stack.enter_context(freeu_mode(unet, config))
+        yield

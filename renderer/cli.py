@@ -1,0 +1,95 @@
+"""`freescale-render`: render a poster, or `freescale-render inspect FILE` to check an output."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from freescale_core import FreeScaleConfig
+from freescale_core.config import FUSION_BLURS
+from renderer.errors import RenderError
+from renderer.tiff import COMPRESSIONS
+from renderer.vae_bands import VAE_MODES
+from renderer.request import RenderRequest, format_size, parse_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="freescale-render",
+        description="Render a poster-scale image with FreeScale (tuning-free SDXL upscaling cascade).",
+        epilog="Run `freescale-render inspect FILE` to check a written output.",
+    )
+    add = parser.add_argument
+    add("--prompt", required=True, help="what to draw")
+    add("--negative-prompt", default="", help="what to steer away from (default: empty)")
+    add("--seed", type=int, default=0, help="seeds every random draw (default 0)")
+    add("--size", type=parse_size, help="final WIDTHxHEIGHT; stages are planned by halving to the training size")
+    add("--stages", help="explicit cascade, base first, e.g. 1024x1024,2048x2048,4096x4096")
+    add("--steps", type=int, default=50, help="denoising steps per stage schedule (default 50)")
+    add("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    defaults = FreeScaleConfig()
+    add("--cosine-scale", type=float, default=defaults.cosine_scale, help="detail scale α of the skip residual (default 2.0; <=1 for 8K)")
+    add("--dilate-tau", type=int, default=defaults.dilate_tau, help="dilate convs while step index < this (default 35)")
+    add("--restart-fraction", type=float, default=defaults.restart_fraction, help="upscaling stages restart at this fraction of the steps (default 0.3)")
+    add("--fusion-blur", choices=FUSION_BLURS, default=defaults.fusion_blur, help="axes of the scale-fusion Gaussian (default hw)")
+    add("--no-window-jitter", action="store_true", help="do not jitter local attention windows")
+    add("--fast-mode", action="store_true", help="global attention on strided sub-grids (faster, lower quality)")
+    add("--no-freeu", action="store_true", help="turn FreeU off")
+    add("--image", type=Path, help="start from this image (base stage size) instead of generating the base")
+    add("--mask", type=Path, help="region mask: white regions use --cosine-scale, black ones --cosine-scale-bg")
+    add("--cosine-scale-bg", type=float, default=defaults.cosine_scale_bg, help="detail scale outside the mask (default 1.0)")
+    add("--model", default="tiny", help="tiny, toy, sdxl-random, a diffusers folder, a .safetensors file or a hub id (default tiny)")
+    add("--model-config", help="diffusers config folder or hub id for an original-format single-file checkpoint")
+    add("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add("--dtype", choices=("float16", "bfloat16", "float32"), help="default: float16 on CUDA, float32 on CPU")
+    add("--out", type=Path, default=Path("poster.tif"),
+        help="output: .tif (tiled pyramid, default poster.tif), .ome.tif (pyramid in SubIFDs) or .png; a .json sidecar goes beside it")
+    add("--compression", choices=COMPRESSIONS, default="deflate", help="TIFF tile compression (default deflate, lossless)")
+    add("--dpi", type=float, default=300.0, help="print resolution stored in the TIFF (default 300)")
+    add("--tile-size", type=int, default=512, help="TIFF tile side in pixels, a multiple of 16 (default 512)")
+    add("--vae-mode", choices=("auto", *VAE_MODES), default="auto",
+        help="final decode: exact (equals an untiled decode), tiled (diffusers-style tiles), auto: exact when it fits")
+    add("--preview", action="store_true", help="also write a small PNG preview beside a TIFF")
+    add("--save-stages", action="store_true", help="also write every intermediate stage as PNG")
+    add("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def request_from_args(args: argparse.Namespace) -> RenderRequest:
+    stages = tuple(parse_size(part) for part in args.stages.split(",")) if args.stages else None
+    freescale = FreeScaleConfig(
+        cosine_scale=args.cosine_scale, cosine_scale_bg=args.cosine_scale_bg, dilate_tau=args.dilate_tau,
+        restart_fraction=args.restart_fraction, fusion_blur=args.fusion_blur, window_jitter=not args.no_window_jitter,
+        fast_mode=args.fast_mode, freeu=not args.no_freeu, seed=args.seed,
+    )
+    return RenderRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, size=args.size, stages=stages,
+        steps=args.steps, guidance=args.guidance, freescale=freescale, image=args.image, mask=args.mask,
+        model=args.model, model_config=args.model_config, device=args.device, dtype=args.dtype, out=args.out,
+        save_stages=args.save_stages, preview=args.preview, vae_mode=args.vae_mode, compression=args.compression,
+        dpi=args.dpi, tile_size=args.tile_size,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["inspect"]:
+            from renderer.inspect import main as inspect_main
+
+            return inspect_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        request = request_from_args(args)
+        from renderer.engine import render
+
+        result = render(request, progress=not args.quiet, keep_image=False)
+    except (RenderError, ValueError) as error:
+        print(f"freescale-render: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {request.out} ({format_size(result.stages[-1])}, stages {' -> '.join(format_size(s) for s in result.stages)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

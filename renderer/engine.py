@@ -1,0 +1,197 @@
+"""`render(request) -> RenderResult`: validate, load, run the cascade, stream the outputs."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from freescale_core.cascade import restart_index
+from renderer.errors import RenderError
+from renderer.images import load_image, load_mask, mask_at, to_uint8
+from renderer.models import load_pipeline, model_geometry
+from renderer.outputs import sidecar_path, stage_path, write_json, write_png
+from renderer.progress import Progress
+from renderer.request import RenderRequest, Size, format_size
+from renderer.stages import encode, encode_prompts, generate_base, upsample, upscale_stage
+from renderer.tiff import TiffOptions, write_pyramid, write_preview
+from renderer.vae_bands import decode_rows, to_pixels
+
+LIBRARIES = ("freescale-poster", "torch", "diffusers", "transformers", "numpy", "pillow", "tifffile")
+
+
+@dataclass
+class RenderResult:
+    image: np.ndarray | None  # (H, W, 3) uint8; None when not kept (large TIFF renders)
+    latents: torch.Tensor  # final latents, fp32, on CPU
+    stages: list[Size]
+    stage_images: list[np.ndarray] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+
+def resolve_dtype(request: RenderRequest) -> torch.dtype:
+    if request.dtype:
+        return getattr(torch, request.dtype)
+    return torch.float16 if request.device.startswith("cuda") else torch.float32
+
+
+def check_device(device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise RenderError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from error
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise RenderError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 2**34
+
+
+def choose_vae_mode(request: RenderRequest, pipeline, size: Size) -> str:
+    """`exact` when one full-resolution decoder activation, three times over, fits in 80 % of free memory."""
+    if request.vae_mode != "auto":
+        return request.vae_mode
+    vae = pipeline.vae
+    activation = size[0] * size[1] * vae.config.block_out_channels[0] * torch.finfo(vae.dtype).bits // 8
+    return "exact" if 3 * activation < 0.8 * available_memory(vae.device) else "tiled"
+
+
+def unscaled(pipeline, latents: torch.Tensor) -> torch.Tensor:
+    vae = pipeline.vae
+    return latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def decoded(pipeline, latents: torch.Tensor, mode: str) -> torch.Tensor:
+    """A stage transition's whole decoded image (fp32, unclamped: the reference re-encodes it as is)."""
+    return torch.cat([rows.float() for rows in decode_rows(pipeline.vae, unscaled(pipeline, latents), mode)], dim=2)
+
+
+def pixel_rows(pipeline, latents: torch.Tensor, mode: str) -> Iterator[np.ndarray]:
+    """Final decode, streamed as (rows, W, 3) uint8 bands."""
+    for rows in decode_rows(pipeline.vae, unscaled(pipeline, latents), mode):
+        yield to_pixels(rows)
+
+
+def render(request: RenderRequest, pipeline=None, progress: bool = True, write: bool = True, keep_image: bool = True) -> RenderResult:
+    """Render `request`; `pipeline` reuses an already loaded model (its device and dtype win)."""
+    check_device(request.device)
+    if pipeline is None:
+        pipeline = load_pipeline(request.model, request.device, resolve_dtype(request), request.model_config)
+    stages = request.plan(model_geometry(pipeline))
+    base = stages[0]
+    initial = load_image(request.image, base) if request.image else None
+    mask = load_mask(request.mask, base) if request.mask else None
+    config = replace(request.freescale, seed=request.seed)
+    vae_mode = choose_vae_mode(request, pipeline, stages[-1])
+    bar = Progress(progress)
+    started = time.perf_counter()
+    stage_times: list[float] = []
+    stage_images: list[np.ndarray] = []
+    device = pipeline.unet.device
+    with torch.inference_mode():
+        cond = encode_prompts(pipeline, request.prompt, request.negative_prompt, (base[1], base[0]), request.guidance)
+        stage_start = time.perf_counter()
+        if initial is None:
+            bar.stage(f"stage 0 {format_size(base)}", request.steps)
+            latents = generate_base(pipeline, cond, (base[1], base[0]), request.steps, config, bar)
+        else:
+            latents = encode(pipeline, initial.to(device), config.seed, stage=0)
+        stage_times.append(time.perf_counter() - stage_start)
+        for index, size in enumerate(stages[1:], start=1):
+            stage_start = time.perf_counter()
+            size_hw = (size[1], size[0])
+            transition_mode = choose_vae_mode(request, pipeline, stages[index - 1])
+            if config.upsample_space == "latent":
+                latent_hw = (size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
+                reference = upsample(latents, latent_hw)
+                if request.save_stages:
+                    stage_images.append(to_uint8(decoded(pipeline, latents, transition_mode)))
+            else:
+                image = decoded(pipeline, latents, transition_mode)
+                if request.save_stages:
+                    stage_images.append(to_uint8(image))
+                reference = encode(pipeline, upsample(image, size_hw), config.seed, stage=index)
+                del image
+            alpha = config.cosine_scale
+            if mask is not None:
+                region = mask_at(mask, tuple(reference.shape[-2:])).to(device)
+                alpha = config.cosine_scale * region + config.cosine_scale_bg * (1 - region)
+            bar.stage(f"stage {index} {format_size(size)}", request.steps - restart_index(request.steps, config.restart_fraction))
+            latents = upscale_stage(pipeline, cond, reference, size_hw, index, request.steps, config, alpha, bar)
+            stage_times.append(time.perf_counter() - stage_start)
+        bar.close()
+        result = RenderResult(
+            image=None, latents=latents.float().cpu(), stages=stages, stage_images=stage_images,
+            metadata={
+                "request": request.to_dict(), "stages": [format_size(s) for s in stages], "freescale": config.to_dict(),
+                "device": str(device), "dtype": str(pipeline.unet.dtype).removeprefix("torch."),
+                "vae_dtype": str(pipeline.vae.dtype).removeprefix("torch."), "vae_mode": vae_mode,
+                "seconds": {"stages": stage_times}, "versions": library_versions(),
+            },
+        )
+        rows = pixel_rows(pipeline, latents, vae_mode)
+        kept: list[np.ndarray] = []
+        if keep_image or not write:
+            rows = tee_into(rows, kept)
+        if write:
+            write_outputs(request, result, rows)
+        else:
+            for _ in rows:
+                pass
+    if kept:
+        result.image = np.concatenate(kept, axis=0)
+        if request.save_stages:
+            result.stage_images.append(result.image)
+    result.metadata["seconds"]["total"] = time.perf_counter() - started
+    return result
+
+
+def tee_into(rows: Iterable[np.ndarray], kept: list[np.ndarray]) -> Iterator[np.ndarray]:
+    for band in rows:
+        kept.append(band)
+        yield band
+
+
+def write_outputs(request: RenderRequest, result: RenderResult, rows: Iterable[np.ndarray]) -> None:
+    out = Path(request.out)
+    for index, (size, pixels) in enumerate(zip(result.stages, result.stage_images)):
+        write_png(stage_path(out, index, size), pixels)
+    if out.suffix.lower() == ".png":
+        write_png(out, np.concatenate(list(rows), axis=0))
+    else:
+        options = TiffOptions(tile=request.tile_size, compression=request.compression, dpi=request.dpi, software=software_name())
+        write_pyramid(out, rows, result.stages[-1], options, result.metadata, request.prompt, request.negative_prompt)
+        if request.preview:
+            write_preview(out, preview_path(out))
+    write_json(sidecar_path(out), result.metadata)
+
+
+def preview_path(out: Path) -> Path:
+    return out.with_name(out.name.split(".")[0] + ".preview.png")
+
+
+def software_name() -> str:
+    return f"freescale-poster {library_versions()['freescale-poster']}"

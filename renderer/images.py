@@ -1,0 +1,45 @@
+"""Conversions between user images, masks and model tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from renderer.errors import RenderError
+from renderer.request import Size, format_size
+
+
+def load_image(path: Path, size: Size) -> torch.Tensor:
+    """An RGB image of exactly `size`, as a (1, 3, H, W) tensor in [−1, 1]."""
+    with Image.open(path) as image:
+        if image.size != tuple(size):
+            raise RenderError(f"--image {path} is {format_size(image.size)}; it must be the base stage size {format_size(size)}")
+        if image.mode not in ("RGB", "RGBA", "L"):
+            raise RenderError(f"--image {path} has mode {image.mode}; use an RGB, RGBA or grayscale image")
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def load_mask(path: Path, base: Size) -> torch.Tensor:
+    """A binary (1, 1, H, W) mask: any non-zero gray value is foreground (as the reference)."""
+    with Image.open(path) as image:
+        if image.size[0] * base[1] != image.size[1] * base[0]:
+            raise RenderError(f"--mask {path} is {format_size(image.size)}; it needs the aspect ratio of {format_size(base)}")
+        if image.mode not in ("1", "L", "LA", "RGB", "RGBA", "P", "I", "I;16"):
+            raise RenderError(f"--mask {path} has mode {image.mode}; use a grayscale or RGB(A) image")
+        gray = np.asarray(image.convert("L"))
+    return torch.from_numpy((gray > 0).astype(np.float32))[None, None]
+
+
+def mask_at(mask: torch.Tensor, latent: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(mask, size=latent, mode="nearest")
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [−1, 1] → (H, W, 3) uint8, rounded."""
+    pixels = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(1, 2, 0).cpu().numpy()

@@ -1,0 +1,76 @@
+"""`freescale-render inspect FILE.tif`: describe a written poster and check that every tile decodes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import tifffile
+
+from renderer.errors import RenderError
+from renderer.tiff import read_xmp_prompt
+
+
+def levels(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
+    """Level 0 and its reductions, whichever layout (page chain or SubIFDs) was used."""
+    series = tif.series[0]
+    return [level.keyframe for level in series.levels]
+
+
+def check_tiles(page: tifffile.TiffPage) -> int:
+    """Decode every tile of `page` one at a time; return the tile count. Raises on a missing or bad tile."""
+    if not page.is_tiled:
+        raise RenderError(f"page {page.index} is not tiled")
+    empty = [index for index, count in enumerate(page.databytecounts) if count == 0]
+    if empty:
+        raise RenderError(f"page {page.index} has {len(empty)} missing tiles (first: {empty[0]})")
+    decoded = 0
+    for segment, _, _ in page.segments():
+        if segment is None:
+            raise RenderError(f"page {page.index}: tile {decoded} does not decode")
+        decoded += 1
+    return decoded
+
+
+def describe(path: Path) -> dict:
+    try:
+        tif = tifffile.TiffFile(path)
+    except (OSError, tifffile.TiffFileError) as error:
+        raise RenderError(f"{path} is not a readable TIFF ({error})") from error
+    with tif:
+        pages = levels(tif)
+        first = pages[0]
+        parameters = None
+        if first.description and first.description.lstrip().startswith("{"):
+            parameters = json.loads(first.description)
+        report = {
+            "file": str(path), "bigtiff": tif.is_bigtiff, "ome": tif.is_ome,
+            "size": f"{first.imagewidth}x{first.imagelength}",
+            "levels": [f"{page.imagewidth}x{page.imagelength}" for page in pages],
+            "tile": f"{first.tilewidth}x{first.tilelength}", "compression": first.compression.name,
+            "dpi": first.get_resolution()[0] if first.tags.get("XResolution") else None,
+            "software": first.software, "prompt": read_xmp_prompt(path), "parameters": parameters,
+            "tiles_checked": sum(check_tiles(page) for page in pages),
+        }
+    return report
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="freescale-render inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("file", type=Path)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    if not args.file.is_file():
+        raise RenderError(f"{args.file} does not exist")
+    report = describe(args.file)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    for key, value in report.items():
+        if key == "parameters" and value:
+            value = json.dumps(value, ensure_ascii=False)[:2000]
+        print(f"{key:14s} {value}")
+    print(f"ok: all {report['tiles_checked']} tiles present and decoded", file=sys.stderr)
+    return 0

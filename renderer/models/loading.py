@@ -1,0 +1,144 @@
+"""Load an SDXL pipeline from a name the user typed.
+
+`tiny`, `toy` and `sdxl-random` are built in. Otherwise: a diffusers folder (`model_index.json`), a
+single `.safetensors` file (this project's packed format, or an original Stability checkpoint converted
+by diffusers, which needs `model_config` offline), or a hub id where the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from renderer.errors import RenderError
+from renderer.models.builtin import SDXL, TINY, TOY_WEIGHTS, build_random_pipeline
+from renderer.request import ModelGeometry
+
+BUILTIN = ("tiny", "toy", "sdxl-random")
+PACKED_FORMAT = "freescale-sdxl-v1"
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, model_config: str | None = None) -> StableDiffusionXLPipeline:
+    diffusers_logging.set_verbosity_error()
+    pipeline = _load(model, device, model_config)
+    vae_dtype = torch.float32 if pipeline.vae.config.force_upcast else dtype
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        getattr(pipeline, name).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    pipeline.vae.to(device=device, dtype=vae_dtype).eval().requires_grad_(False)
+    pipeline.set_progress_bar_config(disable=True)
+    if not isinstance(pipeline.unet, UNet2DConditionModel) or pipeline.unet.config.addition_embed_type != "text_time":
+        raise RenderError(f"--model {model} is not an SDXL-style model (its UNet has no text_time conditioning)")
+    return pipeline
+
+
+def _load(model: str, device: str, model_config: str | None) -> StableDiffusionXLPipeline:
+    if model == "tiny":
+        return build_random_pipeline(TINY)
+    if model == "sdxl-random":
+        with torch.device(device):
+            return build_random_pipeline(SDXL)
+    if model == "toy":
+        if not (TOY_WEIGHTS / "model_index.json").is_file():
+            raise RenderError(f"--model toy: the trained weights are missing from {TOY_WEIGHTS}; reinstall the package")
+        return StableDiffusionXLPipeline.from_pretrained(TOY_WEIGHTS, torch_dtype=torch.float32)
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise RenderError(f"--model {model}: the folder has no model_index.json; give a diffusers SDXL folder (save_pretrained)")
+        return _checked(model, lambda: StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=torch.float32))
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise RenderError(f"--model {model} does not exist; give a .safetensors file, a diffusers folder, a hub id, or one of {', '.join(BUILTIN)}")
+        return _load_single_file(path, model_config)
+    if path.exists() or model.count("/") != 1:
+        raise RenderError(f"--model {model} is not a diffusers folder, a .safetensors file, a hub id (org/name) or one of {', '.join(BUILTIN)}")
+    return _checked(model, lambda: StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32))
+
+
+def _checked(model: str, load):
+    try:
+        return load()
+    except RenderError:
+        raise
+    except Exception as error:  # diffusers raises many types; the user needs one line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RenderError(f"--model {model} could not be loaded: {first_line}") from error
+
+
+def _load_single_file(path: Path, model_config: str | None) -> StableDiffusionXLPipeline:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:
+        raise RenderError(f"--model {path} is not a readable safetensors file ({error})") from error
+    if metadata.get("format") == PACKED_FORMAT:
+        return _checked(str(path), lambda: _load_packed(path, metadata))
+    kwargs = {"config": model_config} if model_config else {}
+    return _checked(str(path), lambda: StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=torch.float32, **kwargs))
+
+
+def save_single_file(pipeline: StableDiffusionXLPipeline, path: Path) -> None:
+    """Pack a whole SDXL pipeline (weights, configs, tokenizers) into one .safetensors file."""
+    tensors = {}
+    for name in COMPONENTS:
+        for key, value in getattr(pipeline, name).state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().contiguous().cpu()
+    metadata = {
+        "format": PACKED_FORMAT,
+        "unet": json.dumps(dict(pipeline.unet.config)),
+        "vae": json.dumps(dict(pipeline.vae.config)),
+        "text_encoder": pipeline.text_encoder.config.to_json_string(),
+        "text_encoder_2": pipeline.text_encoder_2.config.to_json_string(),
+        "tokenizer": _tokenizer_json(pipeline.tokenizer),
+        "tokenizer_2": _tokenizer_json(pipeline.tokenizer_2),
+        "scheduler": json.dumps(dict(pipeline.scheduler.config)),
+        "scheduler_class": type(pipeline.scheduler).__name__,
+    }
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _load_packed(path: Path, metadata: dict[str, str]) -> StableDiffusionXLPipeline:
+    import diffusers
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    unet = UNet2DConditionModel.from_config(json.loads(metadata["unet"]))
+    vae = AutoencoderKL.from_config(json.loads(metadata["vae"]))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**json.loads(metadata["text_encoder"])))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**json.loads(metadata["text_encoder_2"])))
+    modules = dict(zip(COMPONENTS, (unet, vae, text_encoder, text_encoder_2)))
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}, strict=True)
+    tokenizers = [_tokenizer_from_json(metadata[key]) for key in ("tokenizer", "tokenizer_2")]
+    scheduler_class = getattr(diffusers, metadata["scheduler_class"])
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler_class.from_config(json.loads(metadata["scheduler"])),
+        force_zeros_for_empty_prompt=False, add_watermarker=False,
+    )
+
+
+def _tokenizer_json(tokenizer: CLIPTokenizer) -> str:
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    return json.dumps({"vocab": model["vocab"], "merges": model["merges"], "model_max_length": tokenizer.model_max_length})
+
+
+def _tokenizer_from_json(text: str) -> CLIPTokenizer:
+    data = json.loads(text)
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in data["merges"]]
+    return CLIPTokenizer(vocab=data["vocab"], merges=merges, model_max_length=data["model_max_length"])
+
+
+def model_geometry(pipeline: StableDiffusionXLPipeline) -> ModelGeometry:
+    vae_scale = pipeline.vae_scale_factor
+    downsampling = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+    return ModelGeometry(train_px=pipeline.unet.config.sample_size * vae_scale, granularity=vae_scale * downsampling)

@@ -1,0 +1,46 @@
+"""Atomic output files: an image and its JSON sidecar appear complete or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed over it only if the block succeeds."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    with atomic_path(path) as temporary:
+        Image.fromarray(pixels).save(temporary, format="PNG")
+
+
+def write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def sidecar_path(out: Path) -> Path:
+    return Path(out).with_suffix(".json")
+
+
+def stage_path(out: Path, index: int, size: tuple[int, int]) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}.stage{index}-{size[0]}x{size[1]}.png")

@@ -1,0 +1,182 @@
+"""A render request, its validation, and the planning of cascade stages.
+
+Everything here is cheap and runs before any model is loaded, so bad input fails in milliseconds with
+a one-line `RenderError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from freescale_core import FreeScaleConfig
+from renderer.errors import RenderError
+from renderer.tiff import TiffOptions
+from renderer.vae_bands import VAE_MODES
+
+Size = tuple[int, int]  # (width, height) in pixels, as users write it
+
+
+def parse_size(text: str) -> Size:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        raise RenderError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 2048x2048")
+    width, height = (int(part) for part in parts)
+    if width <= 0 or height <= 0:
+        raise RenderError(f"size {text!r} must have positive sides")
+    return width, height
+
+
+def format_size(size: Size) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What stage planning needs to know of a model."""
+
+    train_px: int  # e.g. 1024 for SDXL, 256 for the built-in models
+    granularity: int  # stage sides must be multiples of this (VAE scale × UNet downsampling)
+
+
+def plan_stages(target: Size, geometry: ModelGeometry) -> list[Size]:
+    """Halve the target until its long side is at most the training size: that is the base stage.
+
+    Then every doubling whose short side reaches the training size is an upscaling stage, ending at the
+    target (the reference's 1024 → 2048 → 4096 → 8192 for SDXL).
+    """
+    check_granular(target, geometry)
+    halvings = 0
+    while max(target) > geometry.train_px * 2**halvings:
+        halvings += 1
+    unit = geometry.granularity * 2**halvings
+    if target[0] % unit or target[1] % unit:
+        raise RenderError(
+            f"--size {format_size(target)} cannot be halved down to the {geometry.train_px}px training size in "
+            f"whole {geometry.granularity}px units; use sides that are multiples of {unit}, "
+            f"e.g. {format_size(round_size(target, unit))}, or give --stages explicitly"
+        )
+    stages = [(target[0] >> k, target[1] >> k) for k in range(halvings, -1, -1)]
+    base, upscales = stages[0], stages[1:]
+    kept = [size for size in upscales[:-1] if min(size) >= geometry.train_px]
+    return [base, *kept, target] if upscales else [base]
+
+
+def round_size(size: Size, unit: int) -> Size:
+    return tuple(max(unit, int(round(side / unit)) * unit) for side in size)  # type: ignore[return-value]
+
+
+def check_granular(size: Size, geometry: ModelGeometry) -> None:
+    if any(side % geometry.granularity for side in size):
+        raise RenderError(
+            f"size {format_size(size)} is not a multiple of {geometry.granularity}px on both sides; "
+            f"try {format_size(round_size(size, geometry.granularity))}"
+        )
+
+
+def check_stages(stages: list[Size], geometry: ModelGeometry) -> None:
+    if not stages:
+        raise RenderError("--stages is empty; give at least one WIDTHxHEIGHT")
+    for size in stages:
+        check_granular(size, geometry)
+    base = stages[0]
+    for previous, size in zip(stages, stages[1:]):
+        if size[0] * base[1] != size[1] * base[0]:
+            raise RenderError(
+                f"stage {format_size(size)} changes the aspect ratio of the base {format_size(base)}; "
+                f"every stage must keep it, e.g. {format_size((base[0] * size[1] // base[1], size[1]))}"
+            )
+        if size[0] <= previous[0]:
+            raise RenderError(f"stage {format_size(size)} is not larger than {format_size(previous)}; stages must grow")
+        if min(size) < geometry.train_px:
+            raise RenderError(
+                f"upscaling stage {format_size(size)} has a side below the model's {geometry.train_px}px training "
+                f"size; upscaling stages need both sides >= {geometry.train_px}"
+            )
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    size: Size | None = None  # final size; stages planned automatically
+    stages: tuple[Size, ...] | None = None  # explicit cascade, base first
+    steps: int = 50
+    guidance: float = 7.5
+    freescale: FreeScaleConfig = field(default_factory=FreeScaleConfig)
+    image: Path | None = None  # start from this image (the base size) instead of generating the base
+    mask: Path | None = None  # region mask: white = cosine_scale, black = cosine_scale_bg
+    model: str = "tiny"
+    model_config: str | None = None  # diffusers config folder or hub id for original-format single files
+    device: str = "cpu"
+    dtype: str | None = None  # default: float16 on CUDA, float32 elsewhere
+    out: Path = Path("poster.tif")  # .tif/.tiff (tiled pyramid; .ome.tif for SubIFDs) or .png
+    save_stages: bool = False
+    preview: bool = False  # a small PNG beside a TIFF
+    vae_mode: str = "auto"  # exact, tiled, or auto (exact when it fits in memory)
+    compression: str = "deflate"
+    dpi: float = 300.0
+    tile_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise RenderError(f"--steps {self.steps} must be at least 1 (50 is the reference)")
+        if not math.isfinite(self.guidance):
+            raise RenderError(f"--guidance {self.guidance} is not a finite number; try 7.5")
+        if self.size is None and not self.stages:
+            raise RenderError("give a final --size WIDTHxHEIGHT or explicit --stages")
+        if self.size is not None and self.stages and tuple(self.stages[-1]) != tuple(self.size):
+            raise RenderError(f"--size {format_size(self.size)} differs from the last of --stages {format_size(self.stages[-1])}")
+        if self.dtype not in (None, "float16", "bfloat16", "float32"):
+            raise RenderError(f"--dtype {self.dtype!r}: use float16, bfloat16 or float32")
+        if self.vae_mode not in ("auto", *VAE_MODES):
+            raise RenderError(f"--vae-mode {self.vae_mode!r}: use auto, {', '.join(VAE_MODES)}")
+        try:
+            TiffOptions(tile=self.tile_size, compression=self.compression, dpi=self.dpi)
+        except ValueError as error:
+            raise RenderError(str(error)) from error
+        check_codec(self.compression)
+        for label, path in (("--image", self.image), ("--mask", self.mask)):
+            if path is not None and not Path(path).is_file():
+                raise RenderError(f"{label} {path} does not exist or is not a file")
+        check_output_path(Path(self.out))
+
+    def plan(self, geometry: ModelGeometry) -> list[Size]:
+        if self.stages:
+            stages = [tuple(size) for size in self.stages]
+            check_stages(stages, geometry)
+            return stages
+        return plan_stages(self.size, geometry)
+
+    def with_(self, **changes) -> "RenderRequest":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for key in ("image", "mask", "out"):
+            data[key] = None if data[key] is None else str(data[key])
+        return data
+
+
+OUTPUT_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+def check_codec(compression: str) -> None:
+    if compression in ("jpeg", "webp", "zstd"):
+        try:
+            import imagecodecs  # noqa: F401
+        except ImportError as error:
+            raise RenderError(f"--compression {compression} needs the imagecodecs package; install it or use deflate") from error
+
+
+def check_output_path(out: Path) -> None:
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise RenderError(f"--out {out}: use a name ending in {' or '.join(OUTPUT_SUFFIXES)}")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise RenderError(f"--out {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise RenderError(f"--out {out}: folder {folder} is not writable")

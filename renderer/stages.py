@@ -1,0 +1,111 @@
+"""The self-cascade: base generation, then RGB-upsampled, re-noised, FreeScale-denoised stages (§2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionXLPipeline
+
+from freescale_core import FreeScaleConfig, freescale_mode, freeu_mode
+from freescale_core.cascade import restart_index, skip_residual_weight
+from freescale_core.rng import normal
+from renderer.progress import Progress
+
+
+@dataclass
+class Conditioning:
+    """Prompt embeddings for the CFG batch [negative, positive] and the fixed base-size micro-conditioning."""
+
+    prompt_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    time_ids: torch.Tensor
+    guidance: float
+
+
+def encode_prompts(pipeline: StableDiffusionXLPipeline, prompt: str, negative_prompt: str, base_hw: tuple[int, int], guidance: float) -> Conditioning:
+    device, dtype = pipeline.unet.device, pipeline.unet.dtype
+    embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
+        prompt, device=device, do_classifier_free_guidance=True, negative_prompt=negative_prompt
+    )
+    height, width = base_hw
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).repeat(2, 1)
+    return Conditioning(
+        prompt_embeds=torch.cat([negative, embeds]).to(dtype), text_embeds=torch.cat([negative_pooled, pooled]).to(dtype),
+        time_ids=time_ids, guidance=guidance,
+    )
+
+
+def predict_noise(pipeline: StableDiffusionXLPipeline, scheduler, latents: torch.Tensor, timestep, cond: Conditioning) -> torch.Tensor:
+    """One CFG UNet call; latents are fp32, the UNet runs in its own dtype."""
+    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep).to(pipeline.unet.dtype)
+    noise = pipeline.unet(
+        model_input, timestep, encoder_hidden_states=cond.prompt_embeds,
+        added_cond_kwargs={"text_embeds": cond.text_embeds, "time_ids": cond.time_ids},
+    ).sample.float()
+    negative, positive = noise.chunk(2)
+    return negative + cond.guidance * (positive - negative)
+
+
+def fresh_scheduler(pipeline: StableDiffusionXLPipeline, steps: int):
+    scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
+    scheduler.set_timesteps(steps, device=pipeline.unet.device)
+    return scheduler
+
+
+def generate_base(pipeline, cond: Conditioning, size_hw: tuple[int, int], steps: int, config: FreeScaleConfig, progress: Progress) -> torch.Tensor:
+    scheduler = fresh_scheduler(pipeline, steps)
+    latent_hw = (size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
+    noise = normal((1, pipeline.unet.config.in_channels, *latent_hw), config.seed, "base-noise")
+    latents = noise.to(pipeline.unet.device) * scheduler.init_noise_sigma
+    with freeu_mode(pipeline.unet, config):
+        for timestep in scheduler.timesteps:
+            latents = scheduler.step(predict_noise(pipeline, scheduler, latents, timestep, cond), timestep, latents).prev_sample
+            progress.advance()
+    return latents
+
+
+def noised(scheduler, clean: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+    """ñ_i: the clean latent noised to the level of schedule step i, without touching scheduler state."""
+    if hasattr(scheduler, "sigmas"):
+        return clean + scheduler.sigmas[index].to(clean.device, clean.dtype) * noise
+    return scheduler.add_noise(clean, noise, scheduler.timesteps[index : index + 1])
+
+
+def upscale_stage(
+    pipeline, cond: Conditioning, reference: torch.Tensor, size_hw: tuple[int, int], stage: int, steps: int,
+    config: FreeScaleConfig, alpha: float | torch.Tensor, progress: Progress,
+) -> torch.Tensor:
+    """Denoise from the restart step toward `reference` (the encoded, upsampled previous stage)."""
+    scheduler = fresh_scheduler(pipeline, steps)
+    noise = normal(tuple(reference.shape), config.seed, "restart-noise", stage).to(reference.device)
+    start = restart_index(steps, config.restart_fraction)
+    scheduler.set_begin_index(start)
+    latents = noised(scheduler, reference, noise, start)
+    train_timesteps = scheduler.config.num_train_timesteps
+    for index in range(start, steps):
+        timestep = scheduler.timesteps[index]
+        weight = skip_residual_weight(float(timestep), alpha, train_timesteps)
+        if isinstance(weight, torch.Tensor):
+            weight = weight.to(latents.device, latents.dtype)
+        latents = (1 - weight) * latents + weight * noised(scheduler, reference, noise, index)
+        with freescale_mode(pipeline.unet, config, size=size_hw, step_index=index, vae_scale=pipeline.vae_scale_factor):
+            prediction = predict_noise(pipeline, scheduler, latents, timestep, cond)
+        latents = scheduler.step(prediction, timestep, latents).prev_sample
+        progress.advance()
+    return latents
+
+
+def encode(pipeline, image: torch.Tensor, seed: int, stage: int) -> torch.Tensor:
+    """Image → latents with a seeded posterior sample."""
+    vae = pipeline.vae
+    posterior = vae.encode(image.to(vae.device, vae.dtype)).latent_dist
+    sample = posterior.mean.float() + posterior.std.float() * normal(tuple(posterior.mean.shape), seed, "vae-posterior", stage).to(vae.device)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (sample - shift) * vae.config.scaling_factor
+
+
+def upsample(image: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """Bicubic RGB resize, no clamp (the reference re-encodes the raw decode)."""
+    return F.interpolate(image, size=size_hw, mode="bicubic", align_corners=False)

@@ -1,0 +1,172 @@
+"""VAE decoding in row bands, handed on as finished rows of pixels (decision 8).
+
+Two modes:
+- `tiled` reproduces diffusers' tiled decode (tiles of the VAE's sample size, ¼ overlap, linear blends,
+  per-tile GroupNorm), one row of tiles at a time: only one tile row is ever held.
+- `exact` equals an untiled decode. It runs the decoder layer by layer over row bands: 3×3 convs read
+  one-row halos from the neighbouring bands, GroupNorm statistics are summed over all bands (float64)
+  before any band is normalised, and the mid-block attention lets every band's queries see the keys of
+  all bands. No op ever sees more than a band plus its halo, so peak memory is one layer's activation
+  plus one band's temporaries, instead of the several full-size temporaries of an untiled decode.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+VAE_MODES = ("exact", "tiled")
+Bands = list[torch.Tensor]  # (B, C, rows, W) pieces of one activation, top to bottom
+
+
+def to_pixels(image: torch.Tensor) -> np.ndarray:
+    """(1, 3, rows, W) in [−1, 1] → (rows, W, 3) uint8."""
+    return ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def conv_band(conv: nn.Conv2d, bands: Bands, index: int) -> torch.Tensor:
+    """Band `index` of a stride-1 conv: its neighbours' rows are the halo, zeros at the image edges."""
+    if conv.stride != (1, 1):
+        raise ValueError("banded convs must have stride 1")
+    band = bands[index]
+    halo = conv.dilation[0] * (conv.kernel_size[0] - 1) // 2
+    if halo == 0:
+        return conv(band)
+    edge = band.new_zeros(*band.shape[:2], halo, band.shape[3])
+    top = bands[index - 1][:, :, -halo:] if index > 0 else edge
+    bottom = bands[index + 1][:, :, :halo] if index + 1 < len(bands) else edge
+    padded = torch.cat([top, band, bottom], dim=2)
+    return F.conv2d(padded, conv.weight, conv.bias, padding=(0, conv.padding[1]), dilation=conv.dilation)
+
+
+def conv_bands(conv: nn.Conv2d, bands: Bands) -> Bands:
+    return [conv_band(conv, bands, index) for index in range(len(bands))]
+
+
+def group_norm_bands(norm: nn.GroupNorm, bands: Bands) -> Bands:
+    """GroupNorm with statistics over all bands: exact mean and variance (float64 sums)."""
+    groups = norm.num_groups
+    total = sum_squares = 0.0
+    count = 0
+    for band in bands:
+        grouped = band.double().reshape(band.shape[0], groups, -1)
+        total = total + grouped.sum(-1)
+        sum_squares = sum_squares + (grouped**2).sum(-1)
+        count += grouped.shape[-1]
+    mean = total / count
+    inv_std = torch.rsqrt((sum_squares / count - mean**2).clamp(min=0) + norm.eps)
+    out = []
+    for band in bands:
+        batch, channels = band.shape[:2]
+        grouped = band.reshape(batch, groups, -1)
+        normed = ((grouped - mean[..., None].to(band.dtype)) * inv_std[..., None].to(band.dtype)).reshape(band.shape)
+        if norm.affine:
+            normed = normed * norm.weight.view(1, channels, 1, 1) + norm.bias.view(1, channels, 1, 1)
+        out.append(normed)
+    return out
+
+
+def silu_bands(bands: Bands) -> Bands:
+    return [F.silu(band) for band in bands]
+
+
+def resnet_bands(resnet: ResnetBlock2D, bands: Bands) -> Bands:
+    hidden = conv_bands(resnet.conv1, silu_bands(group_norm_bands(resnet.norm1, bands)))
+    hidden = conv_bands(resnet.conv2, silu_bands(group_norm_bands(resnet.norm2, hidden)))
+    shortcut = bands if resnet.conv_shortcut is None else conv_bands(resnet.conv_shortcut, bands)
+    return [(x + h) / resnet.output_scale_factor for x, h in zip(shortcut, hidden)]
+
+
+def attention_bands(attn: Attention, bands: Bands) -> Bands:
+    """The VAE's mid-block self-attention: every band's queries against the keys and values of all bands."""
+    normed = group_norm_bands(attn.group_norm, bands)
+    tokens = [band.flatten(2).transpose(1, 2) for band in normed]  # (B, rows·W, C)
+    heads = attn.heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (heads, x.shape[-1] // heads)).transpose(1, 2)
+
+    keys = torch.cat([split(attn.to_k(t)) for t in tokens], dim=2)
+    values = torch.cat([split(attn.to_v(t)) for t in tokens], dim=2)
+    out = []
+    for band, t in zip(bands, tokens):
+        attended = F.scaled_dot_product_attention(split(attn.to_q(t)), keys, values).transpose(1, 2).flatten(2)
+        projected = attn.to_out[1](attn.to_out[0](attended)).transpose(1, 2).reshape(band.shape)
+        if attn.residual_connection:
+            projected = projected + band
+        out.append(projected / attn.rescale_output_factor)
+    return out
+
+
+def decode_exact(vae: AutoencoderKL, latents: torch.Tensor, band_rows: int) -> Iterator[torch.Tensor]:
+    """Yield decoded rows (1, 3, rows, W) top to bottom, equal to `vae.decode` up to rounding."""
+    z = latents.to(vae.dtype)
+    if vae.config.use_post_quant_conv:
+        z = vae.post_quant_conv(z)
+    decoder = vae.decoder
+    bands = conv_bands(decoder.conv_in, list(z.split(band_rows, dim=2)))
+    mid = decoder.mid_block
+    bands = resnet_bands(mid.resnets[0], bands)
+    for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+        if attn is not None:
+            bands = attention_bands(attn, bands)
+        bands = resnet_bands(resnet, bands)
+    for block in decoder.up_blocks:
+        for resnet in block.resnets:
+            bands = resnet_bands(resnet, bands)
+        for upsampler in block.upsamplers or []:
+            bands = conv_bands(upsampler.conv, [F.interpolate(band, scale_factor=2.0, mode="nearest") for band in bands])
+    bands = silu_bands(group_norm_bands(decoder.conv_norm_out, bands))
+    for index in range(len(bands)):
+        yield conv_band(decoder.conv_out, bands, index)
+        if index > 0:
+            bands[index - 1] = bands[index - 1][:, :, -1:]  # only the halo row is still needed
+
+
+def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    """diffusers' tiled decode, one tile row at a time; yields the finished rows of each tile row.
+
+    Like diffusers, a latent that fits in one tile is decoded whole."""
+    tile = vae.tile_latent_min_size
+    if latents.shape[2] <= tile and latents.shape[3] <= tile:
+        yield vae.decode(latents.to(vae.dtype)).sample
+        return
+    overlap = int(tile * (1 - vae.tile_overlap_factor))
+    blend = int(vae.tile_sample_min_size * vae.tile_overlap_factor)
+    limit = vae.tile_sample_min_size - blend
+    z = latents.to(vae.dtype)
+    previous: list[torch.Tensor] | None = None
+    for i in range(0, z.shape[2], overlap):
+        row = []
+        for j in range(0, z.shape[3], overlap):
+            piece = z[:, :, i : i + tile, j : j + tile]
+            if vae.config.use_post_quant_conv:
+                piece = vae.post_quant_conv(piece)
+            row.append(vae.decoder(piece))
+        finished = []
+        for j, decoded in enumerate(row):
+            if previous is not None:
+                decoded = vae.blend_v(previous[j], decoded, blend)
+            if j > 0:
+                decoded = vae.blend_h(row[j - 1], decoded, blend)
+            row[j] = decoded
+            finished.append(decoded[:, :, :limit, :limit])
+        previous = row
+        yield torch.cat(finished, dim=3)
+
+
+def decode_rows(vae: AutoencoderKL, latents: torch.Tensor, mode: str, band_rows: int = 16) -> Iterator[torch.Tensor]:
+    """Decoded image rows (1, 3, rows, W), top to bottom, for `latents` already divided by the scaling factor."""
+    if mode == "exact":
+        yield from decode_exact(vae, latents, band_rows)
+    elif mode == "tiled":
+        yield from decode_tiled(vae, latents)
+    else:
+        raise ValueError(f"vae mode {mode!r}: use one of {', '.join(VAE_MODES)}")

@@ -1,0 +1,167 @@
+"""Model loading: a saved diffusers folder and the packed single file render the same image as the built-in model;
+bad model inputs give a RenderError naming the path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from renderer import RenderError, RenderRequest, render
+from renderer.models import load_pipeline, model_geometry, save_single_file
+
+PROMPT = "a blue bicycle"
+
+# Package issue (renderer/models/loading.py, load_pipeline/_load for diffusers folders): the weights of a folder
+# loaded with from_pretrained stay in the safetensors-mapped buffers, at addresses that are not 64-byte aligned
+# (`.to(device, dtype)` on lines 33-35 is a no-op on CPU/float32, so nothing re-allocates them). CPU GEMM kernels
+# round differently for unaligned operands (e.g. text_projection output differs by 2.4e-7), so a render from a
+# saved folder differs from the same weights in memory (46 of 786k values by 1 level at 512² here). Re-allocating
+# the parameters (clone) makes the images identical, see test_folder_weights_reallocated_render_same_image.
+UNALIGNED_WEIGHTS = pytest.mark.xfail(
+    strict=True,
+    reason="package issue: folder-loaded weights stay in unaligned safetensors buffers; float results differ by ~1 ulp",
+)
+
+
+def reallocate(pipeline):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for parameter in getattr(pipeline, name).parameters():
+            parameter.data = parameter.data.clone()
+    return pipeline
+
+
+def request_for(tmp_path, name):
+    return RenderRequest(prompt=PROMPT, size=(512, 512), steps=3, seed=4, out=tmp_path / name)
+
+
+@pytest.fixture(scope="module")
+def in_memory(tiny_pipeline, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("memory")
+    return render(request_for(folder, "m.png"), pipeline=tiny_pipeline, progress=False)
+
+
+def assert_same_weights(a, b):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys(), name
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), (name, key)
+
+
+def test_tiny_geometry(tiny_pipeline):
+    geometry = model_geometry(tiny_pipeline)
+    assert geometry.train_px == 256
+    assert geometry.granularity == 32
+
+
+def test_tiny_is_reproducible_across_loads(tiny_pipeline):
+    assert_same_weights(tiny_pipeline, load_pipeline("tiny"))
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tiny_pipeline, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "tiny-folder"
+    tiny_pipeline.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder_render(saved_folder, tmp_path_factory):
+    loaded = load_pipeline(str(saved_folder))
+    out = tmp_path_factory.mktemp("folder-render")
+    return loaded, render(request_for(out, "f.png"), pipeline=loaded, progress=False)
+
+
+def test_saved_folder_has_same_components(tiny_pipeline, saved_folder):
+    assert (saved_folder / "model_index.json").is_file()
+    loaded = load_pipeline(str(saved_folder))
+    assert_same_weights(tiny_pipeline, loaded)
+    assert type(loaded.scheduler) is type(tiny_pipeline.scheduler)
+    for key in ("timestep_spacing", "steps_offset", "beta_schedule", "prediction_type"):
+        assert loaded.scheduler.config[key] == tiny_pipeline.scheduler.config[key]
+    for name in ("tokenizer", "tokenizer_2"):
+        assert getattr(loaded, name)(PROMPT).input_ids == getattr(tiny_pipeline, name)(PROMPT).input_ids
+    assert loaded.unet.config.sample_size == 32 and model_geometry(loaded) == model_geometry(tiny_pipeline)
+
+
+def test_folder_weights_reallocated_render_same_image(saved_folder, in_memory, tmp_path):
+    loaded = reallocate(load_pipeline(str(saved_folder)))
+    result = render(request_for(tmp_path, "f.png"), pipeline=loaded, progress=False)
+    assert np.array_equal(result.image, in_memory.image)
+
+
+def test_folder_render_close_to_in_memory(folder_render, in_memory):
+    _, result = folder_render
+    diff = np.abs(result.image.astype(int) - in_memory.image.astype(int))
+    assert diff.max() <= 2
+    assert (diff > 0).mean() < 0.01
+
+
+@UNALIGNED_WEIGHTS
+def test_save_pretrained_folder_renders_same_image(folder_render, in_memory):
+    _, result = folder_render
+    assert np.array_equal(result.image, in_memory.image)
+
+
+def test_render_loads_folder_by_name(saved_folder, folder_render, tmp_path):
+    request = request_for(tmp_path, "n.png").with_(model=str(saved_folder))
+    result = render(request, progress=False)
+    assert np.array_equal(result.image, folder_render[1].image)
+    assert (tmp_path / "n.png").is_file()
+
+
+def test_single_file_renders_same_image(tiny_pipeline, in_memory, tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_single_file(tiny_pipeline, path)
+    assert path.is_file() and path.stat().st_size > 0
+    loaded = load_pipeline(str(path))
+    assert_same_weights(tiny_pipeline, loaded)
+    assert loaded.tokenizer_2("a cat").input_ids == tiny_pipeline.tokenizer_2("a cat").input_ids
+    result = render(request_for(tmp_path, "s.png"), pipeline=loaded, progress=False)
+    assert np.array_equal(result.image, in_memory.image)
+
+
+def assert_render_error_names(model: str):
+    with pytest.raises(RenderError) as info:
+        load_pipeline(model)
+    message = str(info.value)
+    assert model in message
+    assert "\n" not in message
+    return message
+
+
+def test_nonexistent_path(tmp_path):
+    assert_render_error_names(str(tmp_path / "no" / "such" / "model"))
+
+
+def test_nonexistent_safetensors(tmp_path):
+    message = assert_render_error_names(str(tmp_path / "missing.safetensors"))
+    assert "does not exist" in message
+
+
+def test_folder_without_model_index(tmp_path):
+    folder = tmp_path / "empty-model"
+    folder.mkdir()
+    (folder / "unet").mkdir()
+    message = assert_render_error_names(str(folder))
+    assert "model_index.json" in message
+
+
+def test_garbage_safetensors(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(b"\x13\x37 this is not a safetensors file \x00\xff" * 10)
+    assert_render_error_names(str(path))
+
+
+def test_text_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a model\n")
+    assert_render_error_names(str(path))
+
+
+def test_broken_diffusers_folder(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{ this is not json")
+    assert_render_error_names(str(folder))
