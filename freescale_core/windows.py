@@ -38,8 +38,8 @@ class AxisWindows:
         starts = self.starts()
         at_start = starts == 0
         at_end = starts + self.size == self.grid
-        low = torch.where(at_start, 0, -self.jitter)
-        high = torch.where(at_end, 0, self.jitter)
+        low = torch.where(at_end, 0, -self.jitter)  # the start edge may move out into the padding
+        high = torch.where(at_start, 0, self.jitter)  # the end edge likewise
         return low, high
 
 

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompt", required=True, help="what to draw")
     add("--negative-prompt", default="", help="what to steer away from (default: empty)")
     add("--seed", type=int, default=0, help="seeds every random draw (default 0)")
-    add("--size", type=parse_size, help="final WIDTHxHEIGHT; stages are planned by halving to the training size")
+    add("--size", help="final WIDTHxHEIGHT; stages are planned by halving to the training size")
     add("--stages", help="explicit cascade, base first, e.g. 1024x1024,2048x2048,4096x4096")
     add("--steps", type=int, default=50, help="denoising steps per stage schedule (default 50)")
     add("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -58,13 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def request_from_args(args: argparse.Namespace) -> RenderRequest:
     stages = tuple(parse_size(part) for part in args.stages.split(",")) if args.stages else None
+    size = parse_size(args.size) if args.size else None
     freescale = FreeScaleConfig(
         cosine_scale=args.cosine_scale, cosine_scale_bg=args.cosine_scale_bg, dilate_tau=args.dilate_tau,
         restart_fraction=args.restart_fraction, fusion_blur=args.fusion_blur, window_jitter=not args.no_window_jitter,
         fast_mode=args.fast_mode, freeu=not args.no_freeu, seed=args.seed,
     )
     return RenderRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, size=args.size, stages=stages,
+        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, size=size, stages=stages,
         steps=args.steps, guidance=args.guidance, freescale=freescale, image=args.image, mask=args.mask,
         model=args.model, model_config=args.model_config, device=args.device, dtype=args.dtype, out=args.out,
         save_stages=args.save_stages, preview=args.preview, vae_mode=args.vae_mode, compression=args.compression,

@@ -157,15 +157,13 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
         if keep_image or not write:
             rows = tee_into(rows, kept)
         if write:
-            write_outputs(request, result, rows)
+            write_outputs(request, result, rows, started)
         else:
             for _ in rows:
                 pass
+            result.metadata["seconds"]["total"] = time.perf_counter() - started
     if kept:
         result.image = np.concatenate(kept, axis=0)
-        if request.save_stages:
-            result.stage_images.append(result.image)
-    result.metadata["seconds"]["total"] = time.perf_counter() - started
     return result
 
 
@@ -175,7 +173,8 @@ def tee_into(rows: Iterable[np.ndarray], kept: list[np.ndarray]) -> Iterator[np.
         yield band
 
 
-def write_outputs(request: RenderRequest, result: RenderResult, rows: Iterable[np.ndarray]) -> None:
+def write_outputs(request: RenderRequest, result: RenderResult, rows: Iterable[np.ndarray], started: float) -> None:
+    """Stage PNGs, then the image (streamed), then the sidecar, whose total time includes the writing."""
     out = Path(request.out)
     for index, (size, pixels) in enumerate(zip(result.stages, result.stage_images)):
         write_png(stage_path(out, index, size), pixels)
@@ -186,6 +185,7 @@ def write_outputs(request: RenderRequest, result: RenderResult, rows: Iterable[n
         write_pyramid(out, rows, result.stages[-1], options, result.metadata, request.prompt, request.negative_prompt)
         if request.preview:
             write_preview(out, preview_path(out))
+    result.metadata["seconds"]["total"] = time.perf_counter() - started
     write_json(sidecar_path(out), result.metadata)
 
 

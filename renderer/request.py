@@ -97,6 +97,18 @@ def check_stages(stages: list[Size], geometry: ModelGeometry) -> None:
             )
 
 
+def check_fast_mode(size: Size, geometry: ModelGeometry) -> None:
+    """Fast mode splits the coarsest attention grid into s_h × s_w strided sub-grids of equal size."""
+    scale = [max(1, side // geometry.train_px) for side in size]
+    coarsest = [side // geometry.granularity for side in size]
+    if any(grid % s for grid, s in zip(coarsest, scale)):
+        unit = geometry.granularity * max(scale)
+        raise RenderError(
+            f"--fast-mode cannot split stage {format_size(size)} into {scale[0]}x{scale[1]} equal sub-grids; "
+            f"use sides that are multiples of {unit} px, or drop --fast-mode"
+        )
+
+
 @dataclass(frozen=True)
 class RenderRequest:
     prompt: str
@@ -148,8 +160,12 @@ class RenderRequest:
         if self.stages:
             stages = [tuple(size) for size in self.stages]
             check_stages(stages, geometry)
-            return stages
-        return plan_stages(self.size, geometry)
+        else:
+            stages = plan_stages(self.size, geometry)
+        if self.freescale.fast_mode:
+            for size in stages[1:]:
+                check_fast_mode(size, geometry)
+        return stages
 
     def with_(self, **changes) -> "RenderRequest":
         return replace(self, **changes)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# One intra-op thread by default: on this 2-core machine other processes often hold the CPU, and OpenMP
+# worker threads that wait for a descheduled sibling make small ops 10-20x slower (test_attention: 70 s with
+# 2 threads under load, 3 s with 1). FREESCALE_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("FREESCALE_TEST_THREADS", "1")))
 
 # Import the heavy modules once, up front, so that import-time warnings are not mixed into
 # the stderr that CLI tests capture.
@@ -14,7 +21,6 @@ from renderer.models import load_pipeline
 
 @pytest.fixture(scope="session")
 def tiny_pipeline():
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     return load_pipeline("tiny")
 
 

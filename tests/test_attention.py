@@ -12,14 +12,10 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from freescale_core.attention import ScaleFusionProcessor, StageGeometry, strided_global_attention
 from freescale_core.windows import plan_windows, window_shape
 
-# Package bug (freescale_core/windows.py, AxisWindows.jitter_bounds, see test_windows.py): edge windows are
-# jittered inward instead of outward into the zero padding, so with jitter on some border tokens are covered by
-# no window. There the package's local branch is to_out(0) = to_out bias while the reference's is 0, and the
-# exact full-formula comparisons with jitter on fail at those tokens (and their blur neighbourhood).
-EDGE_JITTER_BUG = pytest.mark.xfail(
-    strict=True, reason="package bug: AxisWindows.jitter_bounds swaps the start/end edge jitter ranges (uncovered border tokens)"
-)
-JITTER = [False, pytest.param(True, marks=EDGE_JITTER_BUG)]
+# With jitter on, every token must be covered by some window (edge windows move outward into the padding);
+# an uncovered token would get to_out(0) = the to_out bias as its local value in the package but 0 in the
+# reference, which the exact comparisons below detect.
+JITTER = [False, True]
 
 
 def make_attention(channels=32, heads=4, seed=0, **kwargs) -> Attention:

@@ -166,22 +166,31 @@ def test_config_errors_are_value_errors():
         FreeScaleConfig(cosine_scale=math.nan)
 
 
-# Package bug: stage sizes that pass validation (multiples of 32, aspect kept, >= the training size) but whose
-# block grids are not divisible by the scale (s_h, s_w) crash fast mode: strided_global_attention
-# (freescale_core/attention.py, line 104) views a 50×50 grid as (50//3)×3 rows → RuntimeError, which the CLI
-# does not catch either (renderer/cli.py line 77 catches RenderError/ValueError only). Decision 9 says such sizes
-# must work or be refused up front with a RenderError.
-@pytest.mark.xfail(strict=True, reason="package bug: fast mode crashes (RuntimeError) on 256→800 px stages (s = 3, grid 50)")
+# Regression guard: stage sizes that pass the general checks (multiples of 32, aspect kept, >= the training size)
+# but whose block grids are not divisible by the scale (s_h, s_w) once crashed fast mode with a RuntimeError in
+# strided_global_attention. Decision 9: such sizes must work or be refused up front with a RenderError.
 def test_fast_mode_on_sizes_not_multiple_of_training_size(tiny_pipeline, tmp_path):
     request = RenderRequest(
         prompt="a cat", stages=((256, 256), (800, 800)), steps=2, freescale=FreeScaleConfig(fast_mode=True), out=tmp_path / "f.png"
     )
     try:
         result = render(request, pipeline=tiny_pipeline, progress=False)
-    except RenderError:
-        assert not (tmp_path / "f.png").exists()
+    except RenderError as error:
+        assert "800x800" in str(error) and "\n" not in str(error)
+        assert list(tmp_path.iterdir()) == []
         return
     assert result.image.shape == (800, 800, 3)
+
+
+def test_cli_fast_mode_on_sizes_not_multiple_of_training_size(capsys, workdir):
+    _, _, out = workdir
+    code, _, stderr = run_cli(capsys, ["--prompt", "a cat", "--quiet", "--fast-mode", "--stages", "256x256,800x800", "--steps", "2", "--out", str(out / "f.png")])
+    lines = stderr.strip().splitlines()
+    if code == 2:
+        assert len(lines) == 1 and "error" in lines[0] and "800x800" in lines[0]
+        assert files_in(out) == set()
+    else:
+        assert code == 0 and "f.png" in files_in(out)
 
 
 def test_non_fast_mode_on_sizes_not_multiple_of_training_size(tiny_pipeline, tmp_path):

@@ -11,13 +11,8 @@ import torch
 from freescale_core.attention import StageGeometry
 from freescale_core.windows import AxisWindows, plan_windows, window_shape
 
-# Package bug (freescale_core/windows.py, AxisWindows.jitter_bounds): the edge ranges are swapped. The
-# reference (and the module docstring) jitter a window at the start edge by [-r, 0] and one at the end edge by
-# [0, r], i.e. outward into the zero padding; the package uses [0, r] and [-r, 0] (inward), so the first/last
-# jitter tokens of the grid are often covered by no window and get a local-branch value of 0.
-EDGE_JITTER_BUG = pytest.mark.xfail(
-    strict=True, reason="package bug: AxisWindows.jitter_bounds swaps the start/end edge jitter ranges"
-)
+# Regression guard: AxisWindows.jitter_bounds once swapped the edge ranges (inward [0, r] at the start edge),
+# which left border tokens covered by no window. The reference jitters edge windows outward into the padding.
 
 
 def geometry(size_px, train_latent, vae_scale=8, jitter=True):
@@ -152,7 +147,6 @@ def test_interior_jitter_bounds_over_many_seeds(grid, window):
     assert checked > 0
 
 
-@EDGE_JITTER_BUG
 @pytest.mark.parametrize("grid,window", JITTER_CASES)
 def test_edge_jitter_bounds_over_many_seeds(grid, window):
     for (axis, index, edge), (values, (low, high)) in observed_jitters(grid, window).items():
@@ -204,7 +198,7 @@ def covered(plan) -> torch.Tensor:
     "grid,window",
     [((32, 32), (16, 16)), ((64, 64), (16, 16)), ((128, 128), (16, 16)), ((16, 32), (8, 16)), ((8, 16), (4, 8)), ((40, 56), (16, 16)), ((256, 256), (32, 32))],
 )
-@pytest.mark.parametrize("jitter", [pytest.param(True, marks=EDGE_JITTER_BUG), False])
+@pytest.mark.parametrize("jitter", [True, False])
 def test_every_token_is_covered(grid, window, jitter):
     for seed in range(20 if jitter else 1):
         plan = plan_windows(grid, window, jitter, seed=seed, key=("cover",))

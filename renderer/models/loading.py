@@ -30,9 +30,13 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     diffusers_logging.set_verbosity_error()
     pipeline = _load(model, device, model_config)
     vae_dtype = torch.float32 if pipeline.vae.config.force_upcast else dtype
-    for name in ("unet", "text_encoder", "text_encoder_2"):
-        getattr(pipeline, name).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    pipeline.vae.to(device=device, dtype=vae_dtype).eval().requires_grad_(False)
+    for name, module_dtype in (("unet", dtype), ("text_encoder", dtype), ("text_encoder_2", dtype), ("vae", vae_dtype)):
+        module = getattr(pipeline, name).to(device=device, dtype=module_dtype).eval().requires_grad_(False)
+        for parameter in module.parameters():
+            if parameter.device.type == "cpu":
+                # Weights mapped from a safetensors file keep its (unaligned) buffers; CPU kernels round
+                # unaligned operands differently, so own, aligned copies make every load path give equal bytes.
+                parameter.data = parameter.data.clone()
     pipeline.set_progress_bar_config(disable=True)
     if not isinstance(pipeline.unet, UNet2DConditionModel) or pipeline.unet.config.addition_embed_type != "text_time":
         raise RenderError(f"--model {model} is not an SDXL-style model (its UNet has no text_time conditioning)")
