@@ -14,8 +14,8 @@ import torch
 
 from freescale_core.cascade import restart_index
 from renderer.errors import RenderError
-from renderer.images import load_image, load_mask, mask_at, to_uint8
-from renderer.models import load_pipeline, model_geometry
+from renderer.images import load_image, load_mask, mask_at
+from renderer.models import load_pipeline, model_geometry, peek_geometry
 from renderer.outputs import sidecar_path, stage_path, write_json, write_png
 from renderer.progress import Progress
 from renderer.request import RenderRequest, Size, format_size
@@ -89,6 +89,15 @@ def decoded(pipeline, latents: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.cat([rows.float() for rows in decode_rows(pipeline.vae, unscaled(pipeline, latents), mode)], dim=2)
 
 
+def stage_reference(pipeline, latents: torch.Tensor, image: torch.Tensor | None, size_hw: tuple[int, int], config, stage: int) -> torch.Tensor:
+    """ẑ₀ of an upscaling stage: the previous image resized in RGB and re-encoded (or, as the paper's
+    ablation, the previous latents resized bicubically)."""
+    if config.upsample_space == "latent":
+        latent_hw = (size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
+        return upsample(latents, latent_hw)
+    return encode(pipeline, upsample(image, size_hw), config.seed, stage=stage)
+
+
 def pixel_rows(pipeline, latents: torch.Tensor, mode: str) -> Iterator[np.ndarray]:
     """Final decode, streamed as (rows, W, 3) uint8 bands."""
     for rows in decode_rows(pipeline.vae, unscaled(pipeline, latents), mode):
@@ -99,6 +108,9 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
     """Render `request`; `pipeline` reuses an already loaded model (its device and dtype win)."""
     check_device(request.device)
     if pipeline is None:
+        geometry = peek_geometry(request.model)
+        if geometry is not None:
+            request.plan(geometry)  # refuse bad sizes before loading weights
         pipeline = load_pipeline(request.model, request.device, resolve_dtype(request), request.model_config)
     stages = request.plan(model_geometry(pipeline))
     base = stages[0]
@@ -124,17 +136,11 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
             stage_start = time.perf_counter()
             size_hw = (size[1], size[0])
             transition_mode = choose_vae_mode(request, pipeline, stages[index - 1])
-            if config.upsample_space == "latent":
-                latent_hw = (size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
-                reference = upsample(latents, latent_hw)
-                if request.save_stages:
-                    stage_images.append(to_uint8(decoded(pipeline, latents, transition_mode)))
-            else:
-                image = decoded(pipeline, latents, transition_mode)
-                if request.save_stages:
-                    stage_images.append(to_uint8(image))
-                reference = encode(pipeline, upsample(image, size_hw), config.seed, stage=index)
-                del image
+            image = decoded(pipeline, latents, transition_mode) if request.save_stages or config.upsample_space == "rgb" else None
+            if request.save_stages:
+                stage_images.append(to_pixels(image))
+            reference = stage_reference(pipeline, latents, image, size_hw, config, index)
+            del image
             alpha = config.cosine_scale
             if mask is not None:
                 region = mask_at(mask, tuple(reference.shape[-2:])).to(device)

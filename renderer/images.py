@@ -37,9 +37,3 @@ def load_mask(path: Path, base: Size) -> torch.Tensor:
 
 def mask_at(mask: torch.Tensor, latent: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(mask, size=latent, mode="nearest")
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) in [−1, 1] → (H, W, 3) uint8, rounded."""
-    pixels = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(1, 2, 0).cpu().numpy()

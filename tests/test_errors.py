@@ -197,3 +197,17 @@ def test_non_fast_mode_on_sizes_not_multiple_of_training_size(tiny_pipeline, tmp
     request = RenderRequest(prompt="a cat", stages=((256, 256), (800, 800)), steps=2, out=tmp_path / "f.png")
     result = render(request, pipeline=tiny_pipeline, progress=False, write=False)
     assert result.image.shape == (800, 800, 3)
+
+
+def test_bad_size_is_refused_before_any_weights_load(monkeypatch, tmp_path):
+    import renderer.engine
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the size check")
+
+    monkeypatch.setattr(renderer.engine, "load_pipeline", no_loading)
+    for model in ("sdxl-random", "toy"):
+        request = RenderRequest(prompt="p", size=(1000, 1000), model=model, out=tmp_path / "x.tif")
+        with pytest.raises(RenderError, match="1000x1000"):
+            renderer.engine.render(request, progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from renderer.errors import RenderError
-from renderer.models.builtin import SDXL, TINY, TOY_WEIGHTS, build_random_pipeline
+from renderer.models.builtin import SDXL, TINY, TOY, TOY_WEIGHTS, build_random_pipeline
 from renderer.request import ModelGeometry
 
 BUILTIN = ("tiny", "toy", "sdxl-random")
@@ -140,6 +140,22 @@ def _tokenizer_from_json(text: str) -> CLIPTokenizer:
     data = json.loads(text)
     merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in data["merges"]]
     return CLIPTokenizer(vocab=data["vocab"], merges=merges, model_max_length=data["model_max_length"])
+
+
+def peek_geometry(model: str) -> ModelGeometry | None:
+    """The model's geometry without loading weights, where its configs can be read cheaply (else None)."""
+    specs = {"tiny": TINY, "toy": TOY, "sdxl-random": SDXL}
+    if model in specs:
+        spec = specs[model]
+        return ModelGeometry(train_px=spec.sample_size * 8, granularity=8 * 2 ** (len(spec.unet_channels) - 1))
+    folder = Path(model)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    return ModelGeometry(train_px=unet["sample_size"] * vae_scale, granularity=vae_scale * 2 ** (len(unet["block_out_channels"]) - 1))
 
 
 def model_geometry(pipeline: StableDiffusionXLPipeline) -> ModelGeometry:
