@@ -50,6 +50,16 @@ def variants(train: int, with_8x: bool) -> dict[str, tuple[list[tuple[int, int]]
     return table
 
 
+def labelled_row(label: str, row: np.ndarray) -> np.ndarray:
+    """The row of thumbnails with its variant's name in a white margin on the left."""
+    from PIL import ImageDraw
+
+    canvas = Image.new("RGB", (row.shape[1] + 180, row.shape[0]), "white")
+    canvas.paste(Image.fromarray(row), (180, 0))
+    ImageDraw.Draw(canvas).text((6, row.shape[0] // 2 - 6), label, fill="black")
+    return np.asarray(canvas)
+
+
 def colour_for(seed: int) -> str:
     return list(COLOURS)[seed % len(COLOURS)]
 
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": float(np.mean(seconds)), "per_seed": [c.subjects for c in counts],
             "prompt_colour": sum(matches) / len(matches),
         }
-        sheet.append(np.concatenate(thumbs, axis=1))
+        sheet.append(labelled_row(name, np.concatenate(thumbs, axis=1)))
         print(f"{name}: {rows[name]}", flush=True)
 
     Image.fromarray(np.concatenate(sheet, axis=0)).save(args.out_dir / "contact_sheet.png")

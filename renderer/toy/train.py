@@ -129,8 +129,8 @@ def train_unet(pipeline, means, stds, captions, steps: int, batch: int, seed: in
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the trained diffusers pipeline")
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--unet-steps", type=int, default=2500)
+    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--unet-steps", type=int, default=2200)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--dataset", type=int, default=4096, help="scenes encoded for UNet training")
     parser.add_argument("--seed", type=int, default=0)
