@@ -153,3 +153,13 @@ def test_openslide_sees_the_pyramid(tmp_path, image):
     slide = openslide.OpenSlide(str(path))
     assert slide.level_count == 4
     assert slide.level_dimensions[0] == (1312, 1000)
+
+
+def test_outputs_get_the_usual_file_permissions(tmp_path, image):
+    import os
+
+    path = tmp_path / "p.tif"
+    write_pyramid(path, bands_of(image, [512]), (1312, 1000), TiffOptions(tile=256), {}, "p")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
