@@ -27,10 +27,15 @@ def check_tiles(page: tifffile.TiffPage) -> int:
     if empty:
         raise RenderError(f"page {page.index} has {len(empty)} missing tiles (first: {empty[0]})")
     decoded = 0
-    for segment, _, _ in page.segments():
-        if segment is None:
-            raise RenderError(f"page {page.index}: tile {decoded} does not decode")
-        decoded += 1
+    try:
+        for segment, _, _ in page.segments():
+            if segment is None:
+                raise RenderError(f"page {page.index}: tile {decoded} does not decode")
+            decoded += 1
+    except RenderError:
+        raise
+    except Exception as error:  # any codec error means a damaged tile
+        raise RenderError(f"page {page.index}: tile {decoded} does not decode ({type(error).__name__}: {error})") from error
     return decoded
 
 

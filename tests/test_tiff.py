@@ -163,3 +163,20 @@ def test_outputs_get_the_usual_file_permissions(tmp_path, image):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_inspect_reports_a_damaged_tile_in_one_line(tmp_path, image, capsys):
+    from renderer.cli import main
+
+    path = tmp_path / "p.tif"
+    write_pyramid(path, bands_of(image, [512]), (1312, 1000), TiffOptions(tile=256), {}, "p")
+    assert main(["inspect", str(path)]) == 0
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[0].dataoffsets[5]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "tile 5 does not decode" in error
