@@ -122,6 +122,7 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
     started = time.perf_counter()
     stage_times: list[float] = []
     stage_images: list[np.ndarray] = []
+    transition_modes: list[str] = []
     device = pipeline.unet.device
     with torch.inference_mode():
         cond = encode_prompts(pipeline, request.prompt, request.negative_prompt, (base[1], base[0]), request.guidance)
@@ -136,6 +137,7 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
             stage_start = time.perf_counter()
             size_hw = (size[1], size[0])
             transition_mode = choose_vae_mode(request, pipeline, stages[index - 1])
+            transition_modes.append(transition_mode)
             image = decoded(pipeline, latents, transition_mode) if request.save_stages or config.upsample_space == "rgb" else None
             if request.save_stages:
                 stage_images.append(to_pixels(image))
@@ -155,7 +157,7 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
                 "request": request.to_dict(), "stages": [format_size(s) for s in stages], "freescale": config.to_dict(),
                 "device": str(device), "dtype": str(pipeline.unet.dtype).removeprefix("torch."),
                 "vae_dtype": str(pipeline.vae.dtype).removeprefix("torch."), "vae_mode": vae_mode,
-                "seconds": {"stages": stage_times}, "versions": library_versions(),
+                "transition_vae_modes": transition_modes, "seconds": {"stages": stage_times}, "versions": library_versions(),
             },
         )
         rows = pixel_rows(pipeline, latents, vae_mode)

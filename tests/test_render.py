@@ -54,6 +54,7 @@ def test_sidecar(rendered):
     assert sidecar.is_file()
     data = json.loads(sidecar.read_text())
     assert data["stages"] == ["256x256", "512x512", "1024x1024"]
+    assert data["transition_vae_modes"] == ["exact", "exact"]
     assert data["request"]["seed"] == 0 and data["freescale"]["seed"] == 0
     assert data["request"]["prompt"] == PROMPT
     assert data["request"]["steps"] == 4
