@@ -142,23 +142,27 @@ def _tokenizer_from_json(text: str) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=data["vocab"], merges=merges, model_max_length=data["model_max_length"])
 
 
+def geometry_from_config(sample_size: int, vae_channels, unet_channels) -> ModelGeometry:
+    """Training size and size granularity from the UNet's latent sample size and both models' level counts."""
+    vae_scale = 2 ** (len(vae_channels) - 1)
+    return ModelGeometry(train_px=sample_size * vae_scale, granularity=vae_scale * 2 ** (len(unet_channels) - 1))
+
+
 def peek_geometry(model: str) -> ModelGeometry | None:
     """The model's geometry without loading weights, where its configs can be read cheaply (else None)."""
     specs = {"tiny": TINY, "toy": TOY, "sdxl-random": SDXL}
     if model in specs:
         spec = specs[model]
-        return ModelGeometry(train_px=spec.sample_size * 8, granularity=8 * 2 ** (len(spec.unet_channels) - 1))
+        return geometry_from_config(spec.sample_size, spec.vae_channels, spec.unet_channels)
     folder = Path(model)
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    return ModelGeometry(train_px=unet["sample_size"] * vae_scale, granularity=vae_scale * 2 ** (len(unet["block_out_channels"]) - 1))
+    return geometry_from_config(unet["sample_size"], vae["block_out_channels"], unet["block_out_channels"])
 
 
 def model_geometry(pipeline: StableDiffusionXLPipeline) -> ModelGeometry:
-    vae_scale = pipeline.vae_scale_factor
-    downsampling = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
-    return ModelGeometry(train_px=pipeline.unet.config.sample_size * vae_scale, granularity=vae_scale * downsampling)
+    unet = pipeline.unet.config
+    return geometry_from_config(unet.sample_size, pipeline.vae.config.block_out_channels, unet.block_out_channels)
