@@ -69,23 +69,29 @@ def project(attn: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.
     return q, k, v
 
 
-def window_index(plan: WindowPlan, views: torch.Tensor, window: tuple[int, int], device) -> torch.Tensor:
-    """Flat indices into the padded grid of the tokens of `views`: (len(views), wh·ww)."""
-    rows = plan.starts_h[views, None] + torch.arange(window[0])
+def window_index(plan: WindowPlan, views: torch.Tensor, window: tuple[int, int], device, row_offset: int = 0) -> torch.Tensor:
+    """Flat indices of the tokens of `views` into padded-grid rows from `row_offset` on: (len(views), wh·ww)."""
+    rows = plan.starts_h[views, None] - row_offset + torch.arange(window[0])
     cols = plan.starts_w[views, None] + torch.arange(window[1])
     flat = rows[:, :, None] * plan.padded_shape[1] + cols[:, None, :]
     return flat.flatten(1).to(device)
 
 
 def local_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, window: tuple[int, int]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, window: tuple[int, int],
+    groups: list[torch.Tensor] | None = None, row_offset: int = 0,
 ) -> torch.Tensor:
-    """Uniform average of windowed attention over a padded grid; q/k/v (B, P, heads, d) → (B, P, heads·d)."""
+    """Uniform average of windowed attention over a padded grid; q/k/v (B, P, heads, d) → (B, P, heads·d).
+
+    By default q/k/v hold the whole padded grid and every window is computed. A row strip passes the
+    padded rows from `row_offset` on and only the `groups` of windows it needs (in the plan's group order,
+    so each row sums its windows in the same order as the whole grid would).
+    """
     batch, padded_tokens, heads, head_dim = q.shape
     total = q.new_zeros(batch, padded_tokens, heads * head_dim)
     count = q.new_zeros(padded_tokens)
-    for views in plan.groups():
-        index = window_index(plan, views, window, q.device)  # (V, n); disjoint windows within a group
+    for views in plan.groups() if groups is None else groups:
+        index = window_index(plan, views, window, q.device, row_offset)  # (V, n); disjoint windows within a group
         flat = index.flatten()
         gathered = [t[:, flat].unflatten(1, index.shape).flatten(0, 1) for t in (q, k, v)]
         out = attend(*gathered).unflatten(0, (batch, len(views)))  # (B, V, n, heads·d)
@@ -94,8 +100,10 @@ def local_attention(
     return total / count.clamp(min=1)[None, :, None]
 
 
-def strided_global_attention(q, k, v, grid: tuple[int, int], scale: tuple[int, int]) -> torch.Tensor:
-    """Fast mode: attention within each strided sub-grid x[a::s_h, b::s_w], all sub-grids as one batch."""
+def strided_global_attention(q, k, v, grid: tuple[int, int], scale: tuple[int, int], attention=attend) -> torch.Tensor:
+    """Fast mode: attention within each strided sub-grid x[a::s_h, b::s_w], all sub-grids as one batch.
+
+    `grid` may be a strip of whole rows of sub-grid cells; `attention` then reaches the other strips."""
     batch, heads, head_dim = q.shape[0], q.shape[2], q.shape[3]
     sh, sw = scale
     h, w = grid
@@ -104,13 +112,17 @@ def strided_global_attention(q, k, v, grid: tuple[int, int], scale: tuple[int, i
         t = t.view(batch, h // sh, sh, w // sw, sw, heads, head_dim)
         return t.permute(0, 2, 4, 1, 3, 5, 6).reshape(batch * sh * sw, (h // sh) * (w // sw), heads, head_dim)
 
-    out = attend(to_subgrids(q), to_subgrids(k), to_subgrids(v))
+    out = attention(to_subgrids(q), to_subgrids(k), to_subgrids(v))
     out = out.view(batch, sh, sw, h // sh, w // sw, heads * head_dim)
     return out.permute(0, 3, 1, 4, 2, 5).reshape(batch, h * w, heads * head_dim)
 
 
 class ScaleFusionProcessor:
-    """Replaces the processor of one `attn1`; `block_index` keys its window-jitter stream."""
+    """Replaces the processor of one `attn1`; `block_index` keys its window-jitter stream.
+
+    The three branches (local windows, global attention, blur) are methods, so that a row-sharded variant
+    (`cluster.processors`) can replace how each one reaches beyond its rows and keep everything else.
+    """
 
     def __init__(self, geometry: StageGeometry, block_index: int):
         self.geometry = geometry
@@ -121,30 +133,47 @@ class ScaleFusionProcessor:
             raise ValueError("scale fusion applies to self-attention on (B, L, C) tokens without a mask")
         geometry = self.geometry
         batch, tokens, channels = hidden_states.shape
-        grid, downsample = geometry.grid_for(tokens)
+        grid, rows, downsample = self.grid_for(tokens)
         window = window_shape(grid, geometry.size_px, geometry.train_latent, downsample)
         plan = plan_windows(
             grid, window, geometry.window_jitter, geometry.seed,
             key=(geometry.size_px, geometry.step_index, self.block_index),
         )
-        pad_h, pad_w = plan.rows.jitter, plan.cols.jitter
-        padded = F.pad(hidden_states.view(batch, *grid, channels), (0, 0, pad_w, pad_w, pad_h, pad_h))
-        q, k, v = project(attn, padded.flatten(1, 2))
-        local = local_attention(q, k, v, plan, window)
-
-        def interior(t: torch.Tensor) -> torch.Tensor:
-            t = t.unflatten(1, plan.padded_shape)[:, pad_h : pad_h + grid[0], pad_w : pad_w + grid[1]]
-            return t.flatten(1, 2)
-
-        local = interior(local)
-        q, k, v = interior(q), interior(k), interior(v)
+        local, (q, k, v) = self.local_branch(attn, hidden_states.view(batch, rows, grid[1], channels), plan, window)
         if geometry.fast_mode:
-            global_ = strided_global_attention(q, k, v, grid, geometry.scale)
+            global_ = self.strided_global_branch(q, k, v, (rows, grid[1]))
         else:
-            global_ = attend(q, k, v)
+            global_ = self.global_branch(q, k, v)
         local, global_ = (attn.to_out[1](attn.to_out[0](t.to(hidden_states.dtype))) for t in (local, global_))
-        low_frequency_correction = gaussian_blur((local - global_).view(batch, *grid, channels), geometry.fusion_blur, kernel_size(geometry.scale))
+        low_frequency_correction = self.blur((local - global_).view(batch, rows, grid[1], channels))
         fused = global_ + low_frequency_correction.flatten(1, 2)
         if attn.residual_connection:
             fused = fused + hidden_states
         return fused / attn.rescale_output_factor
+
+    def grid_for(self, tokens: int) -> tuple[tuple[int, int], int, int]:
+        """The block's whole token grid, how many of its rows this process holds, and its downsampling."""
+        grid, downsample = self.geometry.grid_for(tokens)
+        return grid, grid[0], downsample
+
+    def local_branch(self, attn: Attention, hidden: torch.Tensor, plan: WindowPlan, window: tuple[int, int]):
+        """Window attention for the rows of `hidden` (B, rows, W, C), and the rows' own q, k, v."""
+        pad_h, pad_w = plan.rows.jitter, plan.cols.jitter
+        batch, rows, width, _ = hidden.shape
+        padded = F.pad(hidden, (0, 0, pad_w, pad_w, pad_h, pad_h))
+        q, k, v = project(attn, padded.flatten(1, 2))
+        local = local_attention(q, k, v, plan, window)
+
+        def interior(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(1, padded.shape[1:3])[:, pad_h : pad_h + rows, pad_w : pad_w + width].flatten(1, 2)
+
+        return interior(local), (interior(q), interior(k), interior(v))
+
+    def global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attend(q, k, v)
+
+    def strided_global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return strided_global_attention(q, k, v, grid, self.geometry.scale, attend)
+
+    def blur(self, grid: torch.Tensor) -> torch.Tensor:
+        return gaussian_blur(grid, self.geometry.fusion_blur, kernel_size(self.geometry.scale))

@@ -9,7 +9,7 @@ block index is what makes the first resnet of `up_blocks.1` follow b1/s1, as in 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -47,8 +47,12 @@ def backbone_channels(unet: nn.Module) -> dict[nn.Module, int]:
     return split
 
 
+SkipFilter = Callable[[torch.Tensor, int, float], torch.Tensor]  # (skip, threshold, scale) → filtered skip
+
+
 @contextmanager
-def freeu(unet: nn.Module, b1: float, b2: float, s1: float, s2: float) -> Iterator[None]:
+def freeu(unet: nn.Module, b1: float, b2: float, s1: float, s2: float, skip_filter: SkipFilter = fourier_filter) -> Iterator[None]:
+    """`skip_filter` is the Fourier filter; a row-sharded run passes one that reduces over all strips."""
     rule = freeu_rule(unet, b1, b2, s1, s2)
 
     def make_hook(backbone: int):
@@ -60,7 +64,7 @@ def freeu(unet: nn.Module, b1: float, b2: float, s1: float, s2: float) -> Iterat
             hidden, skip = x[:, :backbone], x[:, backbone:]
             half = backbone // 2
             hidden = torch.cat([hidden[:, :half] * backbone_scale, hidden[:, half:]], dim=1)
-            skip = fourier_filter(skip, threshold=1, scale=skip_scale)
+            skip = skip_filter(skip, 1, skip_scale)
             return (torch.cat([hidden, skip], dim=1), *args[1:])
 
         return hook

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 from diffusers.models.attention_processor import Attention
 from torch import nn
@@ -12,7 +13,22 @@ from freescale_core.attention import ScaleFusionProcessor, StageGeometry
 from freescale_core.cascade import dilation_factor, scale_factors
 from freescale_core.config import FreeScaleConfig
 from freescale_core.dilation import dilate
-from freescale_core.freeu import freeu
+from freescale_core.freeu import SkipFilter, fourier_filter, freeu
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the two FreeScale operations that see the whole image are computed.
+
+    The default works on whole tensors in one process; `cluster.sharded_backend` gives row-strip versions
+    that exchange what they need with the other strips.
+    """
+
+    fusion_processor: Callable[[StageGeometry, int], object] = ScaleFusionProcessor
+    skip_filter: SkipFilter = fourier_filter
+
+
+LOCAL = Backend()
 
 
 def self_attentions(unet: nn.Module) -> list[Attention]:
@@ -37,17 +53,18 @@ def swap_processors(modules: list[Attention], processors: list[object]) -> Itera
 
 
 @contextmanager
-def freeu_mode(unet: nn.Module, config: FreeScaleConfig) -> Iterator[None]:
+def freeu_mode(unet: nn.Module, config: FreeScaleConfig, backend: Backend = LOCAL) -> Iterator[None]:
     """FreeU only (per config): what the base stage runs with."""
     with ExitStack() as stack:
         if config.freeu:
-            stack.enter_context(freeu(unet, config.freeu_b1, config.freeu_b2, config.freeu_s1, config.freeu_s2))
+            stack.enter_context(freeu(unet, config.freeu_b1, config.freeu_b2, config.freeu_s1, config.freeu_s2, backend.skip_filter))
         yield
 
 
 @contextmanager
 def freescale_mode(
-    unet: nn.Module, config: FreeScaleConfig, size: tuple[int, int], step_index: int, vae_scale: int = 8
+    unet: nn.Module, config: FreeScaleConfig, size: tuple[int, int], step_index: int, vae_scale: int = 8,
+    backend: Backend = LOCAL,
 ) -> Iterator[None]:
     """FreeScale for an upscaling stage of H×W pixels at step `step_index`, restored exactly on exit.
 
@@ -63,9 +80,9 @@ def freescale_mode(
     with ExitStack() as stack:
         if config.scale_fusion:
             attentions = self_attentions(unet)
-            processors = [ScaleFusionProcessor(geometry, index) for index in range(len(attentions))]
+            processors = [backend.fusion_processor(geometry, index) for index in range(len(attentions))]
             stack.enter_context(swap_processors(attentions, processors))
         if step_index < config.dilate_tau:
             stack.enter_context(dilate(unet, dilation_factor(size[1], train), config.dilate_up_blocks))
-        stack.enter_context(freeu_mode(unet, config))
+        stack.enter_context(freeu_mode(unet, config, backend))
         yield

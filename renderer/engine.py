@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -122,9 +123,13 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
     started = time.perf_counter()
     stage_times: list[float] = []
     stage_images: list[np.ndarray] = []
-    transition_modes: list[str] = []
+    transition_modes = [choose_vae_mode(request, pipeline, size) for size in stages[:-1]]
+    sharded = request.workers > 0 and len(stages) > 1
+    if sharded:
+        check_shardable(pipeline, stages, config, request.workers)
     device = pipeline.unet.device
-    with torch.inference_mode():
+    with ExitStack() as stack, torch.inference_mode():
+        gang = stack.enter_context(start_gang(request)) if sharded else None
         cond = encode_prompts(pipeline, request.prompt, request.negative_prompt, (base[1], base[0]), request.guidance)
         stage_start = time.perf_counter()
         if initial is None:
@@ -133,11 +138,10 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
         else:
             latents = encode(pipeline, initial.to(device), config.seed, stage=0)
         stage_times.append(time.perf_counter() - stage_start)
-        for index, size in enumerate(stages[1:], start=1):
+        for index, size in enumerate(stages[1:] if gang is None else [], start=1):
             stage_start = time.perf_counter()
             size_hw = (size[1], size[0])
-            transition_mode = choose_vae_mode(request, pipeline, stages[index - 1])
-            transition_modes.append(transition_mode)
+            transition_mode = transition_modes[index - 1]
             image = decoded(pipeline, latents, transition_mode) if request.save_stages or config.upsample_space == "rgb" else None
             if request.save_stages:
                 stage_images.append(to_pixels(image))
@@ -150,6 +154,21 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
             bar.stage(f"stage {index} {format_size(size)}", request.steps - restart_index(request.steps, config.restart_fraction))
             latents = upscale_stage(pipeline, cond, reference, size_hw, index, request.steps, config, alpha, bar)
             stage_times.append(time.perf_counter() - stage_start)
+        workers = {}
+        if gang is not None:
+            from cluster.gang import GangJob
+
+            bar.stage(f"stages 1-{len(stages) - 1} on {request.workers} workers", 1)
+            job = GangJob(cond=cond.to("cpu"), latents=latents.float().cpu(), stages=stages, first=1, steps=request.steps, config=config,
+                          transition_modes=transition_modes, final_mode=vae_mode, mask=mask, save_stages=request.save_stages)
+            results = gang.run(job)
+            bar.advance()
+            latents = torch.cat([result.latents for result in results], dim=2)
+            stage_images += [np.concatenate(strips, axis=0) for strips in zip(*(result.stage_pixels for result in results))]
+            stage_times += [max(seconds) for seconds in zip(*(result.seconds for result in results))]
+            workers = {"count": request.workers, "backend": gang.backend, "device": gang.device,
+                       "strips": [result.rows for result in results], "peak_bytes": [result.peak_bytes for result in results],
+                       "stage_seconds": [result.seconds for result in results], "step_bytes": [result.step_bytes for result in results]}
         bar.close()
         result = RenderResult(
             image=None, latents=latents.float().cpu(), stages=stages, stage_images=stage_images,
@@ -158,9 +177,10 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
                 "device": str(device), "dtype": str(pipeline.unet.dtype).removeprefix("torch."),
                 "vae_dtype": str(pipeline.vae.dtype).removeprefix("torch."), "vae_mode": vae_mode,
                 "transition_vae_modes": transition_modes, "seconds": {"stages": stage_times}, "versions": library_versions(),
+                **({"workers": workers} if workers else {}),
             },
         )
-        rows = pixel_rows(pipeline, latents, vae_mode)
+        rows = pixel_rows(pipeline, latents, vae_mode) if gang is None else gang.pixel_rows()
         kept: list[np.ndarray] = []
         if keep_image or not write:
             rows = tee_into(rows, kept)
@@ -173,6 +193,27 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
     if kept:
         result.image = np.concatenate(kept, axis=0)
     return result
+
+
+def check_shardable(pipeline, stages: list[Size], config, workers: int) -> None:
+    """Every sharded stage must split into `workers` strips of whole units (before anything is started)."""
+    from cluster.gang import stage_layout
+
+    for size in stages[1:]:
+        try:
+            stage_layout(pipeline, size, config, workers)
+        except ValueError as error:
+            raise RenderError(f"--workers {workers} at stage {format_size(size)}: {error}") from None
+
+
+def start_gang(request: RenderRequest):
+    """Reserve and start the workers (before any rendering, so a cluster that cannot host them fails fast)."""
+    from cluster.coordinator import Gang, GangSpec
+
+    return Gang(GangSpec(
+        workers=request.workers, model=request.model, model_config=request.model_config, dtype=request.dtype,
+        address=request.address, gpus_per_worker=request.gpus_per_worker,
+    ))
 
 
 def tee_into(rows: Iterable[np.ndarray], kept: list[np.ndarray]) -> Iterator[np.ndarray]:

@@ -132,6 +132,9 @@ class RenderRequest:
     compression: str = "deflate"
     dpi: float = 300.0
     tile_size: int = 512
+    workers: int = 0  # > 0: upscaling stages run row-sharded on this many Ray workers
+    address: str | None = None  # Ray cluster to join with --workers (default: start or join a local one)
+    gpus_per_worker: float | None = None  # default: 1 if the cluster has a GPU per worker, else CPU workers
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -155,6 +158,12 @@ class RenderRequest:
             if path is not None and not Path(path).is_file():
                 raise RenderError(f"{label} {path} does not exist or is not a file")
         check_output_path(Path(self.out))
+        if self.workers < 0:
+            raise RenderError(f"--workers {self.workers} must be 0 (one process) or more")
+        if self.address and not self.workers:
+            raise RenderError(f"--address {self.address} joins a Ray cluster for sharded stages; give --workers N too")
+        if self.gpus_per_worker is not None and not 0 <= self.gpus_per_worker <= 1:
+            raise RenderError(f"--gpus-per-worker {self.gpus_per_worker}: use 1, a fraction to share GPUs, or 0 for CPU workers")
 
     def plan(self, geometry: ModelGeometry) -> list[Size]:
         if self.stages:

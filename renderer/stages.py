@@ -10,6 +10,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from freescale_core import FreeScaleConfig, freescale_mode, freeu_mode
 from freescale_core.cascade import restart_index, skip_residual_weight
+from freescale_core.mode import LOCAL, Backend
 from freescale_core.rng import normal
 from renderer.progress import Progress
 
@@ -22,6 +23,9 @@ class Conditioning:
     text_embeds: torch.Tensor
     time_ids: torch.Tensor
     guidance: float
+
+    def to(self, device) -> "Conditioning":
+        return Conditioning(self.prompt_embeds.to(device), self.text_embeds.to(device), self.time_ids.to(device), self.guidance)
 
 
 def encode_prompts(pipeline: StableDiffusionXLPipeline, prompt: str, negative_prompt: str, base_hw: tuple[int, int], guidance: float) -> Conditioning:
@@ -75,11 +79,17 @@ def noised(scheduler, clean: torch.Tensor, noise: torch.Tensor, index: int) -> t
 
 def upscale_stage(
     pipeline, cond: Conditioning, reference: torch.Tensor, size_hw: tuple[int, int], stage: int, steps: int,
-    config: FreeScaleConfig, alpha: float | torch.Tensor, progress: Progress,
+    config: FreeScaleConfig, alpha: float | torch.Tensor, progress: Progress, backend: Backend = LOCAL,
+    rows: slice = slice(None),
 ) -> torch.Tensor:
-    """Denoise from the restart step toward `reference` (the encoded, upsampled previous stage)."""
+    """Denoise from the restart step toward `reference` (the encoded, upsampled previous stage).
+
+    A row-sharded worker passes the latent `rows` it holds (reference and alpha are already those rows)
+    and a sharded `backend`; the noise is drawn whole and sliced, so it never depends on the sharding.
+    """
     scheduler = fresh_scheduler(pipeline, steps)
-    noise = normal(tuple(reference.shape), config.seed, "restart-noise", stage).to(reference.device)
+    latent_shape = (1, reference.shape[1], size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
+    noise = normal(latent_shape, config.seed, "restart-noise", stage)[:, :, rows].to(reference.device)
     start = restart_index(steps, config.restart_fraction)
     scheduler.set_begin_index(start)
     latents = noised(scheduler, reference, noise, start)
@@ -90,18 +100,24 @@ def upscale_stage(
         if isinstance(weight, torch.Tensor):
             weight = weight.to(latents.device, latents.dtype)
         latents = (1 - weight) * latents + weight * noised(scheduler, reference, noise, index)
-        with freescale_mode(pipeline.unet, config, size=size_hw, step_index=index, vae_scale=pipeline.vae_scale_factor):
+        with freescale_mode(pipeline.unet, config, size=size_hw, step_index=index, vae_scale=pipeline.vae_scale_factor, backend=backend):
             prediction = predict_noise(pipeline, scheduler, latents, timestep, cond)
         latents = scheduler.step(prediction, timestep, latents).prev_sample
         progress.advance()
     return latents
 
 
-def encode(pipeline, image: torch.Tensor, seed: int, stage: int) -> torch.Tensor:
-    """Image → latents with a seeded posterior sample."""
+def encode(pipeline, image: torch.Tensor, seed: int, stage: int, rows: slice = slice(None), latent_height: int | None = None) -> torch.Tensor:
+    """Image → latents with a seeded posterior sample.
+
+    A row-sharded worker encodes its image strip (under `cluster.sharding`) and passes the latent `rows`
+    it holds of a latent `latent_height` rows high; the posterior noise is drawn whole and sliced."""
     vae = pipeline.vae
     posterior = vae.encode(image.to(vae.device, vae.dtype)).latent_dist
-    sample = posterior.mean.float() + posterior.std.float() * normal(tuple(posterior.mean.shape), seed, "vae-posterior", stage).to(vae.device)
+    whole = list(posterior.mean.shape)
+    whole[2] = latent_height or whole[2]
+    noise = normal(tuple(whole), seed, "vae-posterior", stage)[:, :, rows].to(vae.device)
+    sample = posterior.mean.float() + posterior.std.float() * noise
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (sample - shift) * vae.config.scaling_factor
 

@@ -50,27 +50,33 @@ def conv_bands(conv: nn.Conv2d, bands: Bands) -> Bands:
     return [conv_band(conv, bands, index) for index in range(len(bands))]
 
 
-def group_norm_bands(norm: nn.GroupNorm, bands: Bands) -> Bands:
-    """GroupNorm with statistics over all bands: exact mean and variance (float64 sums)."""
-    groups = norm.num_groups
-    total = sum_squares = 0.0
-    count = 0
-    for band in bands:
-        grouped = band.double().reshape(band.shape[0], groups, -1)
-        total = total + grouped.sum(-1)
-        sum_squares = sum_squares + (grouped**2).sum(-1)
-        count += grouped.shape[-1]
+def group_sums(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(count, Σx, Σx²) per (batch, group) of a piece of an activation, in float64: (B, groups, 3).
+
+    Summing these over pieces gives the exact statistics of the whole, between-piece term included."""
+    grouped = x.double().reshape(x.shape[0], groups, -1)
+    count = torch.full_like(grouped[..., 0], grouped.shape[-1])
+    return torch.stack([count, grouped.sum(-1), (grouped**2).sum(-1)], dim=-1)
+
+
+def normalize_groups(norm: nn.GroupNorm, x: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of a piece `x` with the `group_sums` of the whole activation."""
+    count, total, sum_squares = sums.unbind(-1)
     mean = total / count
     inv_std = torch.rsqrt((sum_squares / count - mean**2).clamp(min=0) + norm.eps)
-    out = []
-    for band in bands:
-        batch, channels = band.shape[:2]
-        grouped = band.reshape(batch, groups, -1)
-        normed = ((grouped - mean[..., None].to(band.dtype)) * inv_std[..., None].to(band.dtype)).reshape(band.shape)
-        if norm.affine:
-            normed = normed * norm.weight.view(1, channels, 1, 1) + norm.bias.view(1, channels, 1, 1)
-        out.append(normed)
-    return out
+    batch, channels = x.shape[:2]
+    grouped = x.reshape(batch, norm.num_groups, -1)
+    normed = ((grouped - mean[..., None].to(x.dtype)) * inv_std[..., None].to(x.dtype)).reshape(x.shape)
+    if norm.affine:
+        affine_shape = (1, channels) + (1,) * (x.ndim - 2)
+        normed = normed * norm.weight.view(affine_shape) + norm.bias.view(affine_shape)
+    return normed
+
+
+def group_norm_bands(norm: nn.GroupNorm, bands: Bands) -> Bands:
+    """GroupNorm with statistics over all bands: exact mean and variance (float64 sums)."""
+    sums = sum(group_sums(band, norm.num_groups) for band in bands)
+    return [normalize_groups(norm, band, sums) for band in bands]
 
 
 def silu_bands(bands: Bands) -> Bands:
@@ -130,23 +136,29 @@ def decode_exact(vae: AutoencoderKL, latents: torch.Tensor, band_rows: int) -> I
             bands[index - 1] = bands[index - 1][:, :, -1:]  # only the halo row is still needed
 
 
-def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+def tile_grid(vae: AutoencoderKL) -> tuple[int, int, int, int]:
+    """diffusers' tiling in latent rows and pixels: (tile, stride, blend_px, finished_px per tile row)."""
+    tile = vae.tile_latent_min_size
+    blend = int(vae.tile_sample_min_size * vae.tile_overlap_factor)
+    return tile, int(tile * (1 - vae.tile_overlap_factor)), blend, vae.tile_sample_min_size - blend
+
+
+def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor, tile_rows: range | None = None, offset: int = 0) -> Iterator[torch.Tensor]:
     """diffusers' tiled decode, one tile row at a time; yields the finished rows of each tile row.
 
-    Like diffusers, a latent that fits in one tile is decoded whole."""
-    tile = vae.tile_latent_min_size
-    if latents.shape[2] <= tile and latents.shape[3] <= tile:
+    Like diffusers, a latent that fits in one tile is decoded whole. A row strip decodes only `tile_rows`
+    (plus the row above, for its blend) from `latents` holding the latent rows from `offset` on."""
+    tile, stride, blend, limit = tile_grid(vae)
+    if tile_rows is None and latents.shape[2] <= tile and latents.shape[3] <= tile:
         yield vae.decode(latents.to(vae.dtype)).sample
         return
-    overlap = int(tile * (1 - vae.tile_overlap_factor))
-    blend = int(vae.tile_sample_min_size * vae.tile_overlap_factor)
-    limit = vae.tile_sample_min_size - blend
+    tile_rows = tile_rows or range(len(range(0, latents.shape[2], stride)))
     z = latents.to(vae.dtype)
     previous: list[torch.Tensor] | None = None
-    for i in range(0, z.shape[2], overlap):
+    for i in range(max(tile_rows.start - 1, 0), tile_rows.stop):
         row = []
-        for j in range(0, z.shape[3], overlap):
-            piece = z[:, :, i : i + tile, j : j + tile]
+        for j in range(0, z.shape[3], stride):
+            piece = z[:, :, i * stride - offset : i * stride - offset + tile, j : j + tile]
             if vae.config.use_post_quant_conv:
                 piece = vae.post_quant_conv(piece)
             row.append(vae.decoder(piece))
@@ -159,7 +171,8 @@ def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor) -> Iterator[torch.Te
             row[j] = decoded
             finished.append(decoded[:, :, :limit, :limit])
         previous = row
-        yield torch.cat(finished, dim=3)
+        if i in tile_rows:
+            yield torch.cat(finished, dim=3)
 
 
 def decode_rows(vae: AutoencoderKL, latents: torch.Tensor, mode: str, band_rows: int = 16) -> Iterator[torch.Tensor]:

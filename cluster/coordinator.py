@@ -1,0 +1,171 @@
+"""The coordinator's side: reserve a gang of Ray workers, hand them the job, stream their rows back.
+
+Workers are reserved together in one placement group (PACK: on as few nodes as possible), each loads
+the model once, and they form a torch.distributed group over an explicit TCP rendezvous at rank 0's
+address: NCCL with one GPU per worker, gloo on CPU workers or when workers share a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from cluster.gang import GangJob, GangResult, run_job
+from cluster.strips import init_process_group
+from renderer.errors import RenderError
+
+
+@dataclass(frozen=True)
+class GangSpec:
+    """How to start the workers."""
+
+    workers: int
+    model: str
+    model_config: str | None = None
+    dtype: str | None = None  # default: float16 on GPU workers, float32 on CPU
+    address: str | None = None  # a Ray cluster to join; None starts (or joins) a local one
+    gpus_per_worker: float | None = None  # None: 1 if the cluster has a GPU per worker, else CPU workers
+    placement_timeout_s: float = 300.0
+    collective_timeout_s: float = 1800.0  # above the longest denoising step (16K: ~45 s)
+
+
+class GangWorker:
+    """One worker process (a Ray actor): holds the model, joins the group, runs `gang.run_job`."""
+
+    def __init__(self, model: str, model_config: str | None, dtype: str | None, threads: int, device: str, gpu_share: float):
+        from renderer.models import load_pipeline
+
+        torch.set_num_threads(threads)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer becomes an error, not a hang
+        if device == "cuda" and gpu_share < 1:
+            torch.cuda.set_per_process_memory_fraction(gpu_share)  # Ray's fractional GPUs do not cap memory
+        self.device = device
+        dtype = getattr(torch, dtype) if dtype else (torch.float16 if self.device == "cuda" else torch.float32)
+        self.pipeline = load_pipeline(model, self.device, dtype, model_config)
+
+    def rendezvous_address(self) -> str:
+        """host:port of a free port on this worker's node (called on rank 0)."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            return f"{host}:{probe.getsockname()[1]}"
+
+    def join(self, rank: int, world: int, address: str, backend: str, timeout_s: float) -> None:
+        init_process_group(rank, world, address, backend, timeout_s)
+
+    def run(self, job: GangJob) -> GangResult:
+        """Run the job; keep the final pixel strip here until `take_pixels`, return the rest."""
+        result = run_job(self.pipeline, job)
+        self.pixels, result.pixels = result.pixels, None
+        return result
+
+    def take_pixels(self) -> np.ndarray:
+        pixels, self.pixels = self.pixels, None
+        return pixels
+
+
+def connect(address: str | None, workers: int) -> None:
+    """Join `address`, else the cluster this process runs in (`ray job submit`, RAY_ADDRESS, a local `ray start`),
+    else start a local Ray with at least one CPU per worker."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as error:
+            raise RenderError(f"--address {address or os.environ['RAY_ADDRESS']}: no Ray cluster answers there ({error})") from None
+        return
+    try:
+        ray.init(address="auto", log_to_driver=False)
+    except ConnectionError:
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers), log_to_driver=False, include_dashboard=False)
+
+
+def cpu_share(workers: int) -> float:
+    """CPUs per CPU worker: the cluster's CPUs split evenly (fractions allowed, so 3 workers fit 2 cores),
+    at most one node's worth so that the PACK group can still be placed."""
+    import ray
+
+    largest_node = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
+    share = min(largest_node, ray.cluster_resources().get("CPU", 1) / workers)
+    return math.floor(share * 10_000) / 10_000  # Ray counts resources in 1e-4 units: round down so all fit
+
+
+class Gang:
+    """A started gang of workers; use as a context manager so the workers and their reservation are freed."""
+
+    def __init__(self, spec: GangSpec):
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if spec.workers < 1:
+            raise RenderError(f"--workers {spec.workers} must be at least 1")
+        connect(spec.address, spec.workers)
+        gpus = spec.gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= spec.workers else 0.0
+        cpus_per_worker = 1 if gpus else cpu_share(spec.workers)
+        bundle = {"CPU": cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+        self._remove = remove_placement_group
+        self.group = placement_group([bundle] * spec.workers, strategy="PACK")
+        try:
+            ray.get(self.group.ready(), timeout=spec.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.group)
+            raise RenderError(
+                f"--workers {spec.workers}: the cluster could not reserve {spec.workers} x {bundle} within "
+                f"{spec.placement_timeout_s:.0f} s (it has {ray.cluster_resources()}); use fewer workers or add nodes"
+            ) from None
+        actor = ray.remote(GangWorker)
+        self.workers = [
+            actor.options(
+                num_cpus=cpus_per_worker, num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
+            ).remote(spec.model, spec.model_config, spec.dtype, max(1, int(cpus_per_worker)), "cuda" if gpus else "cpu", gpus)
+            for rank in range(spec.workers)
+        ]
+        backend = "nccl" if gpus >= 1 else "gloo"
+        address = ray.get(self.workers[0].rendezvous_address.remote())
+        ray.get([worker.join.remote(rank, spec.workers, address, backend, spec.collective_timeout_s) for rank, worker in enumerate(self.workers)])
+        self.backend = backend
+        self.device = "cuda" if gpus else "cpu"
+
+    def __enter__(self) -> "Gang":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+        self._remove(self.group)
+
+    def run(self, job: GangJob) -> list[GangResult]:
+        """Run the job on every worker; their results (without the final pixels) in rank order."""
+        import ray
+
+        pending = [worker.run.remote(job) for worker in self.workers]
+        try:
+            return ray.get(pending)
+        except ray.exceptions.RayError as error:  # the gang is torn down by __exit__; one rank's failure ends all
+            cause = getattr(error, "cause", None) or error
+            message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+            raise RenderError(f"a worker failed in the sharded stages: {message}") from error
+
+    def pixel_rows(self) -> Iterator[np.ndarray]:
+        """The final image, one worker's strip at a time: the coordinator never holds more than one strip."""
+        import ray
+
+        for worker in self.workers:
+            yield ray.get(worker.take_pixels.remote())

@@ -1,0 +1,129 @@
+"""The operations that reach across strips, each equal to its whole-tensor counterpart (design §A.3).
+
+Everything else in the UNet and VAE is row-local (1×1 convs, linears, norms over channels, activations,
+cross-attention) and runs unchanged on a strip.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster.strips import RowGroup, StripLayout
+from freescale_core.blur import BLUR_AXES, gaussian_blur
+from renderer.vae_bands import group_sums, normalize_groups
+
+
+def conv(rows: RowGroup, module: nn.Conv2d, x: torch.Tensor, pad_top: int | None = None) -> torch.Tensor:
+    """A 3×3 (any dilation or stride) conv of a (B, C, rows, W) strip.
+
+    Each rank fetches the input rows its output rows read (its halo, zeros beyond the image) and convolves
+    them without row padding. `pad_top` overrides the conv's own top padding (asymmetric-pad downsamplers)."""
+    if module.padding_mode != "zeros":
+        raise ValueError(f"sharded convs need zero padding, not {module.padding_mode!r}")
+    kernel, dilation, stride = module.kernel_size[0], module.dilation[0], module.stride[0]
+    top = module.padding[0] if pad_top is None else pad_top
+    layout = rows.layout_for(x.shape[2])
+    if any(start % stride for start in layout.bounds):
+        raise ValueError(f"strips {layout.bounds} do not start on multiples of the conv stride {stride}")
+    reach = dilation * (kernel - 1)
+    requests = [
+        (start - top, stop - stride - top + reach + 1) for start, stop in (layout.span(r) for r in range(rows.world))
+    ]
+    slab = rows.fetch(x, 2, requests, "conv")
+    return F.conv2d(slab, module.weight, module.bias, module.stride, (0, module.padding[1]), module.dilation, module.groups)
+
+
+def group_norm(rows: RowGroup, module: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm with statistics summed over all strips (float64 count, Σx, Σx²: the between-strip term is in)."""
+    return normalize_groups(module, x, rows.sum(group_sums(x, module.num_groups)))
+
+
+def fourier_filter(rows: RowGroup, x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
+    """FreeU's skip filter on a strip, from the few global Fourier coefficients it changes.
+
+    Scaling the central (2·threshold)² block of the shifted spectrum by `scale` adds (scale − 1) times
+    the inverse transform of just those coefficients; each coefficient X[u, v] = Σ x·e^{−2πi(uy/H + vx/W)}
+    is a sum over all rows, so ranks sum their parts (complex128) and rebuild their own rows."""
+    layout = rows.layout_for(x.shape[2])
+    start, stop = layout.span(rows.rank)
+    height, width = layout.height, x.shape[3]
+
+    def phases(size: int, positions: torch.Tensor) -> torch.Tensor:
+        frequencies = torch.tensor(sorted({u % size for u in range(-threshold, threshold)}), dtype=torch.float64)
+        return torch.exp(-2j * math.pi * positions[:, None].double() * frequencies[None] / size).to(x.device)
+
+    row_phase = phases(height, torch.arange(start, stop))
+    col_phase = phases(width, torch.arange(width))
+    coefficients = torch.einsum("bchw,hu,wv->bcuv", x.to(torch.complex128), row_phase, col_phase)
+    coefficients = torch.view_as_complex(rows.sum(torch.view_as_real(coefficients)))
+    low = torch.einsum("bcuv,hu,wv->bchw", coefficients, row_phase.conj(), col_phase.conj()).real / (height * width)
+    return (x.double() + (scale - 1) * low).to(x.dtype)
+
+
+def blur(rows: RowGroup, grid: torch.Tensor, variant: str, size: int) -> torch.Tensor:
+    """The scale-fusion Gaussian on a (B, rows, W, C) strip: blur it with a halo of size//2 rows, keep its rows."""
+    halo = size // 2 if 1 in BLUR_AXES[variant] and size > 1 else 0
+    if halo == 0:
+        return gaussian_blur(grid, variant, size)
+    layout = rows.layout_for(grid.shape[1])
+    slab = rows.fetch(grid, 1, [(start - halo, stop + halo) for start, stop in (layout.span(r) for r in range(rows.world))], "blur")
+    return gaussian_blur(slab, variant, size)[:, halo:-halo]
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of (N, heads, Lq, d) queries over one key block, and each query's log-sum-exp (fp32 or better)."""
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        return out.float(), lse[..., : q.shape[2]].float()
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.softmax(scores, dim=-1) @ v.to(dtype), lse
+
+
+def ring_attention(rows: RowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact attention of this strip's queries over the keys of all strips; (N, L, heads, d) → (N, L, heads·d).
+
+    K/V blocks travel around the ring; each partial (o, lse) is merged in fp32 with
+    o ← o − σ(lse_b − lse)(o − o_b), lse ← lse + softplus(lse_b − lse) (design §3)."""
+    q, packed = q.transpose(1, 2), torch.cat([k, v], dim=-1).transpose(1, 2)  # (N, heads, L, d), (N, heads, L, 2d)
+    out = lse = None
+    for block in rows.ring(packed.contiguous(), dim=2):
+        block_k, block_v = block.chunk(2, dim=-1)
+        block_out, block_lse = attention_with_lse(q, block_k, block_v)
+        if out is None:
+            out, lse = block_out, block_lse
+            continue
+        out = out - torch.sigmoid(block_lse - lse)[..., None] * (out - block_out)
+        lse = lse + F.softplus(block_lse - lse)
+    return out.to(q.dtype).transpose(1, 2).flatten(2)
+
+
+def resize(rows: RowGroup, x: torch.Tensor, target: StripLayout, width: int) -> torch.Tensor:
+    """Bicubic resize (align_corners=False, clamped borders) of a (B, C, rows, W) strip to `width` columns
+    and `target.height` rows, returning this rank's rows of the result under `target`.
+
+    With the ratio p/q in lowest terms, every source slab that starts on a multiple of q resizes with
+    exactly the same source positions and weights as the whole image, so each rank fetches a q-aligned
+    slab around the source rows its output rows read (one spare row each side) and lets `F.interpolate`
+    do the rest: bit-identical to resizing the whole image."""
+    source = rows.layout_for(x.shape[2])
+    factor = Fraction(target.height, source.height)
+    p, q = factor.numerator, factor.denominator
+
+    def slab(span: tuple[int, int]) -> tuple[int, int]:
+        first = math.floor((span[0] + 0.5) / factor - 0.5) - 2
+        last = math.floor((span[1] - 0.5) / factor - 0.5) + 3
+        return max(0, first // q * q), min(source.height, -(-last // q) * q)
+
+    slabs = [slab(target.span(r)) for r in range(rows.world)]
+    start, stop = slabs[rows.rank]
+    out_start, out_stop = start * p // q, (stop * p // q if stop < source.height else target.height)
+    resized = F.interpolate(rows.fetch(x, 2, slabs, "resize"), size=(out_stop - out_start, width), mode="bicubic", align_corners=False)
+    own_start, own_stop = target.span(rows.rank)
+    return resized[:, :, own_start - out_start : own_stop - out_start]

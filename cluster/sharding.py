@@ -1,0 +1,142 @@
+"""Run an unmodified diffusers UNet or VAE on a row strip: `with sharding(model, rows): model(strip)`.
+
+Inside the context every module that reaches across rows is redirected to its exchanging version in
+`cluster.ops`: 3×3 convs (plain, dilated, strided, after nearest upsampling), GroupNorms, the VAE
+encoder's asymmetrically padded downsamplers and every self-attention. FreeScale's own cross-strip
+operations (scale fusion's windows, global attention and blur; FreeU's Fourier filter) come in through
+`sharded_backend`, which `freescale_mode` installs per call like the single-process processors.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from diffusers.models.downsampling import Downsample2D
+from torch import nn
+
+from cluster import ops
+from cluster.strips import RowGroup
+from freescale_core.attention import ScaleFusionProcessor, StageGeometry, local_attention, project, strided_global_attention
+from freescale_core.blur import kernel_size
+from freescale_core.mode import Backend
+from freescale_core.windows import WindowPlan
+
+
+class ShardedScaleFusion(ScaleFusionProcessor):
+    """Scale fusion for the rows of one strip (design §A.3 rows 10–13)."""
+
+    def __init__(self, geometry: StageGeometry, block_index: int, rows: RowGroup):
+        super().__init__(geometry, block_index)
+        self.rows = rows
+
+    def grid_for(self, tokens: int) -> tuple[tuple[int, int], int, int]:
+        start, stop = self.rows.span
+        (height, width), downsample = self.geometry.latent, 1
+        while (stop - start) // downsample * (width // downsample) > tokens:
+            downsample *= 2
+        own_rows = (stop - start) // downsample
+        if own_rows * (width // downsample) != tokens:
+            raise ValueError(f"{tokens} tokens are not a strip of the {self.geometry.latent} latent's grids")
+        return (height // downsample, width // downsample), own_rows, downsample
+
+    def local_branch(self, attn: Attention, hidden: torch.Tensor, plan: WindowPlan, window: tuple[int, int]):
+        """Every window that touches this strip, computed whole from the rows it covers (fetched from their
+        owners, zeros in the padding); only the strip's own rows of the result are kept."""
+        pad_h, pad_w = plan.rows.jitter, plan.cols.jitter
+        layout = self.rows.layout_for(hidden.shape[1])
+        tops = plan.starts_h - pad_h  # window rows in unpadded coordinates: [tops, tops + window[0])
+        touching = [(tops < stop) & (tops + window[0] > start) for start, stop in (layout.span(r) for r in range(self.rows.world))]
+        requests = [(int(tops[mask].min()), int(tops[mask].max()) + window[0]) for mask in touching]
+        slab_start = requests[self.rows.rank][0]
+        slab = F.pad(self.rows.fetch(hidden, 1, requests, "window"), (0, 0, pad_w, pad_w))
+        q, k, v = project(attn, slab.flatten(1, 2))
+        mine = touching[self.rows.rank]
+        groups = [views[mine[views]] for views in plan.groups()]
+        local = local_attention(q, k, v, plan, window, [views for views in groups if len(views)], slab_start + pad_h)
+        start, stop = layout.span(self.rows.rank)
+
+        def own_rows(t: torch.Tensor) -> torch.Tensor:
+            grid = t.unflatten(1, slab.shape[1:3])
+            return grid[:, start - slab_start : stop - slab_start, pad_w : pad_w + hidden.shape[2]].flatten(1, 2)
+
+        return own_rows(local), (own_rows(q), own_rows(k), own_rows(v))
+
+    def global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return ops.ring_attention(self.rows, q, k, v)
+
+    def strided_global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return strided_global_attention(q, k, v, grid, self.geometry.scale, partial(ops.ring_attention, self.rows))
+
+    def blur(self, grid: torch.Tensor) -> torch.Tensor:
+        return ops.blur(self.rows, grid, self.geometry.fusion_blur, kernel_size(self.geometry.scale))
+
+
+class ShardedSelfAttention:
+    """Plain self-attention over all strips: the VAE's mid-block attention, and the UNet's `attn1` when scale
+    fusion is off. Follows diffusers' AttnProcessor2_0 for what these modules use."""
+
+    def __init__(self, rows: RowGroup):
+        self.rows = rows
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None:
+            raise ValueError("sharded self-attention takes no encoder states, mask or spatial norm")
+        residual = hidden_states
+        shape = hidden_states.shape
+        if hidden_states.ndim == 4:
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        q, k, v = project(attn, hidden_states)
+        out = ops.ring_attention(self.rows, q, k, v).to(hidden_states.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if len(shape) == 4:
+            out = out.transpose(1, 2).reshape(shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def sharded_backend(rows: RowGroup) -> Backend:
+    return Backend(
+        fusion_processor=lambda geometry, index: ShardedScaleFusion(geometry, index, rows),
+        skip_filter=partial(ops.fourier_filter, rows),
+    )
+
+
+def padded_downsample(rows: RowGroup, module: Downsample2D, x: torch.Tensor) -> torch.Tensor:
+    """The VAE encoder's downsampler pads one zero column right and one zero row at the image bottom only."""
+    return ops.conv(rows, module.conv, F.pad(x, (0, 1, 0, 0)), pad_top=0)
+
+
+@contextmanager
+def sharding(model: nn.Module, rows: RowGroup) -> Iterator[None]:
+    """Make `model` (a UNet, a VAE or any part) compute on this rank's strip; restored exactly on exit."""
+    patched: list[nn.Module] = []
+    processors: dict[Attention, object] = {}
+    try:
+        for module in model.modules():
+            if isinstance(module, Downsample2D) and module.use_conv and module.padding == 0 and module.norm is None:
+                module.forward = partial(padded_downsample, rows, module)
+            elif isinstance(module, nn.Conv2d) and (module.kernel_size[0] > 1 or module.stride[0] > 1):
+                module.forward = partial(ops.conv, rows, module)
+            elif isinstance(module, nn.GroupNorm):
+                module.forward = partial(ops.group_norm, rows, module)
+            elif isinstance(module, Attention) and not module.is_cross_attention:
+                processors[module] = module.processor
+                module.processor = ShardedSelfAttention(rows)
+                continue
+            else:
+                continue
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+        for module, processor in processors.items():
+            module.processor = processor

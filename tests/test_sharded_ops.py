@@ -1,0 +1,55 @@
+"""Every cross-strip operation on 2 and 3 gloo ranks with uneven strips, against the same op on the whole tensor.
+
+The ranks run `sharded_checks.run_all` once per world size (spawned processes, about 20 s each); each test
+below asserts one entry of what every rank reported. Inputs are float64 for the ops (so a wrong row shows
+as an error of order 1, not 1e-7) and float32 for the tiny VAE and UNet."""
+
+from __future__ import annotations
+
+import pytest
+
+import sharded_checks
+from cluster.spawn import run_ranks
+
+# Largest relative difference allowed: float64 ops agree to rounding; FreeU's reference FFT runs in float32;
+# the VAE and the whole UNet run in float32 (the issue asks 1e-5 for the UNet).
+EXACT = 1e-12
+TOLERANCES = {
+    "freeu fourier filter": 2e-6,  # the single-process filter computes its FFT in float32
+    "vae decode exact": 1e-5,
+    "vae encode": 1e-5,
+    "tiny unet forward": 1e-5,
+}
+CHECKS = [
+    "conv 3x3", "conv dilated 3", "conv dilated 12 (halo wider than a strip)", "conv stride 2", "conv dilated 2 stride 2",
+    "upsample then conv", "downsample padded bottom-right", "group norm", "ring attention", "scale fusion hw, jitter",
+    "scale fusion hwc", "scale fusion wc, no jitter", "scale fusion at the 1/2 grid", "scale fusion fast mode",
+    "blur hw k=5", "blur hw k=15", "blur hwc k=5", "blur hwc k=15", "blur wc k=5", "blur wc k=15",
+    "freeu fourier filter s=0.6", "freeu fourier filter s=0.4", "bicubic resize 20->40", "bicubic resize 20->30",
+    "bicubic resize 24->72", "vae decode exact", "vae decode tiled", "vae encode",
+    "tiny unet forward, step 0", "tiny unet forward, step 40",
+]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
+def reported(request) -> list[dict]:
+    return run_ranks(request.param, sharded_checks.run_all)
+
+
+def tolerance(check: str) -> float:
+    return next((value for prefix, value in TOLERANCES.items() if check.startswith(prefix)), EXACT)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_sharded_op_equals_whole_tensor_op(reported, check):
+    errors = [rank_errors[check] for rank_errors in reported]
+    assert max(errors) <= tolerance(check), f"{check}: relative error per rank {errors}"
+
+
+def test_every_reported_check_is_asserted(reported):
+    assert set(reported[0]) - set(CHECKS) == {"group norm from one strip's statistics (must differ)"}
+
+
+def test_inputs_expose_a_missing_between_strip_term(reported):
+    """The structured inputs make strip-local GroupNorm statistics visibly wrong (randn inputs would not)."""
+    assert min(rank_errors["group norm from one strip's statistics (must differ)"] for rank_errors in reported) > 0.05
