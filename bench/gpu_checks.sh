@@ -24,3 +24,6 @@ timeout 330 python3 -m renderer.toy.train --out renderer/models/toy_weights --de
 
 echo "== quality benchmark on the GPU"
 timeout 300 python3 bench/quality.py --device cuda --seeds 8 --steps 50 --out-dir "$OUT/quality"
+
+echo "== sharded path on CUDA (2 ranks sharing the GPU over gloo) vs one process"
+timeout 280 python3 bench/gpu_sharded.py --sdxl-size 4096

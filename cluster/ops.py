@@ -76,14 +76,16 @@ def blur(rows: RowGroup, grid: torch.Tensor, variant: str, size: int) -> torch.T
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of (N, heads, Lq, d) queries over one key block, and each query's log-sum-exp (fp32 or better)."""
+    """Attention of (N, heads, Lq, d) queries over one key block, and each query's log-sum-exp.
+
+    Fused kernels that return the LSE: the memory-efficient one on CUDA (any head size, the VAE's 512
+    included), the flash one on the CPU. Results are fp32, or fp64 for fp64 inputs."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
     if q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
-        return out.float(), lse[..., : q.shape[2]].float()
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.softmax(scores, dim=-1) @ v.to(dtype), lse
+        return out.to(dtype), lse[..., : q.shape[2]].to(dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.to(dtype), k.to(dtype), v.to(dtype))
+    return out, lse
 
 
 def ring_attention(rows: RowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
