@@ -72,6 +72,14 @@ class GangWorker:
         return pixels
 
 
+@dataclass
+class GangOutcome:
+    latents: torch.Tensor  # the final latents, whole (small: a 16K latent is 64 MiB in fp32)
+    stage_images: list[np.ndarray]  # with --save-stages, the images of the stages before each sharded one
+    stage_seconds: list[float]  # per sharded stage, the slowest worker's
+    summary: dict  # for the sidecar: workers, backend, strips, peak memory, bytes received per step
+
+
 def connect(address: str | None, workers: int) -> None:
     """Join `address`, else the cluster this process runs in (`ray job submit`, RAY_ADDRESS, a local `ray start`),
     else start a local Ray with at least one CPU per worker."""
@@ -101,13 +109,19 @@ def cpu_share(workers: int) -> float:
     return math.floor(share * 10_000) / 10_000  # Ray counts resources in 1e-4 units: round down so all fit
 
 
+def failure(error: Exception) -> str:
+    """The last line of what went wrong inside a Ray actor (its own exception when Ray kept it)."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip()
+    return text.splitlines()[-1] if text else type(cause).__name__
+
+
 class Gang:
     """A started gang of workers; use as a context manager so the workers and their reservation are freed."""
 
     def __init__(self, spec: GangSpec):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if spec.workers < 1:
             raise RenderError(f"--workers {spec.workers} must be at least 1")
@@ -127,29 +141,55 @@ class Gang:
                 f"--workers {spec.workers}: the cluster could not reserve {spec.workers} x {bundle} within "
                 f"{spec.placement_timeout_s:.0f} s (it has {ray.cluster_resources()}); use fewer workers or add nodes"
             ) from None
+        self.workers = []
+        try:
+            self._start(spec, bundle, gpus)
+        except ray.exceptions.RayError as error:
+            self.__exit__()
+            raise RenderError(f"a worker failed to start: {failure(error)}") from error
+        self.device = "cuda" if gpus else "cpu"
+
+    def _start(self, spec: GangSpec, bundle: dict, gpus: float) -> None:
+        """One actor per bundle, each loading the model, then the process group (rank 0 hosts the rendezvous)."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         actor = ray.remote(GangWorker)
         self.workers = [
             actor.options(
-                num_cpus=cpus_per_worker, num_gpus=gpus,
+                num_cpus=bundle["CPU"], num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
-            ).remote(spec.model, spec.model_config, spec.dtype, max(1, int(cpus_per_worker)), "cuda" if gpus else "cpu", gpus)
+            ).remote(spec.model, spec.model_config, spec.dtype, max(1, int(bundle["CPU"])), "cuda" if gpus else "cpu", gpus)
             for rank in range(spec.workers)
         ]
-        backend = "nccl" if gpus >= 1 else "gloo"
+        self.backend = "nccl" if gpus >= 1 else "gloo"
         address = ray.get(self.workers[0].rendezvous_address.remote())
-        ray.get([worker.join.remote(rank, spec.workers, address, backend, spec.collective_timeout_s) for rank, worker in enumerate(self.workers)])
-        self.backend = backend
-        self.device = "cuda" if gpus else "cpu"
+        ray.get([worker.join.remote(rank, spec.workers, address, self.backend, spec.collective_timeout_s)
+                 for rank, worker in enumerate(self.workers)])
 
     def __enter__(self) -> "Gang":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         import ray
 
         for worker in self.workers:
             ray.kill(worker)
         self._remove(self.group)
+
+    def render(self, job: GangJob) -> GangOutcome:
+        """Run the job; the whole final latents, the stage images and timings, and a summary for the sidecar."""
+        results = self.run(job)
+        return GangOutcome(
+            latents=torch.cat([result.latents for result in results], dim=2),
+            stage_images=[np.concatenate(strips, axis=0) for strips in zip(*(result.stage_pixels for result in results))],
+            stage_seconds=[max(seconds) for seconds in zip(*(result.seconds for result in results))],
+            summary={
+                "count": len(self.workers), "backend": self.backend, "device": self.device, "first_stage": job.first,
+                "strips": [result.rows for result in results], "peak_bytes": [result.peak_bytes for result in results],
+                "stage_seconds": [result.seconds for result in results], "step_bytes": [result.step_bytes for result in results],
+            },
+        )
 
     def run(self, job: GangJob) -> list[GangResult]:
         """Run the job on every worker; their results (without the final pixels) in rank order."""
@@ -159,9 +199,7 @@ class Gang:
         try:
             return ray.get(pending)
         except ray.exceptions.RayError as error:  # the gang is torn down by __exit__; one rank's failure ends all
-            cause = getattr(error, "cause", None) or error
-            message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-            raise RenderError(f"a worker failed in the sharded stages: {message}") from error
+            raise RenderError(f"a worker failed in the sharded stages: {failure(error)}") from error
 
     def pixel_rows(self) -> Iterator[np.ndarray]:
         """The final image, one worker's strip at a time: the coordinator never holds more than one strip."""

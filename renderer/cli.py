@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--workers", type=int, default=0,
         help="run the upscaling stages row-sharded on N Ray workers (GPU each if the cluster has them, else CPU); default 0: one process")
     add("--address", help="Ray cluster to join with --workers, e.g. ray://head:10001 or auto (default: start or join a local Ray)")
+    add("--shard-from", help="with --workers: shard only stages with at least the pixels of this WxH (default: every upscaling stage)")
     add("--gpus-per-worker", type=float,
         help="GPUs each worker reserves: 1 (NCCL), a fraction to share a GPU (gloo), 0 for CPU workers (default: 1 if available)")
     add("--quiet", action="store_true", help="no progress bars")
@@ -75,7 +76,7 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
         model=args.model, model_config=args.model_config, device=args.device, dtype=args.dtype, out=args.out,
         save_stages=args.save_stages, preview=args.preview, vae_mode=args.vae_mode, compression=args.compression,
         dpi=args.dpi, tile_size=args.tile_size, workers=args.workers, address=args.address,
-        gpus_per_worker=args.gpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker, shard_from=parse_size(args.shard_from) if args.shard_from else None,
     )
 
 

@@ -124,12 +124,12 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
     stage_times: list[float] = []
     stage_images: list[np.ndarray] = []
     transition_modes = [choose_vae_mode(request, pipeline, size) for size in stages[:-1]]
-    sharded = request.workers > 0 and len(stages) > 1
-    if sharded:
-        check_shardable(pipeline, stages, config, request.workers)
+    first_sharded = first_sharded_stage(request, stages)
+    if first_sharded < len(stages):
+        check_shardable(pipeline, stages[first_sharded:], config, request.workers)
     device = pipeline.unet.device
     with ExitStack() as stack, torch.inference_mode():
-        gang = stack.enter_context(start_gang(request)) if sharded else None
+        gang = stack.enter_context(start_gang(request)) if first_sharded < len(stages) else None
         cond = encode_prompts(pipeline, request.prompt, request.negative_prompt, (base[1], base[0]), request.guidance)
         stage_start = time.perf_counter()
         if initial is None:
@@ -138,7 +138,7 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
         else:
             latents = encode(pipeline, initial.to(device), config.seed, stage=0)
         stage_times.append(time.perf_counter() - stage_start)
-        for index, size in enumerate(stages[1:] if gang is None else [], start=1):
+        for index, size in enumerate(stages[1:first_sharded], start=1):
             stage_start = time.perf_counter()
             size_hw = (size[1], size[0])
             transition_mode = transition_modes[index - 1]
@@ -158,17 +158,14 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
         if gang is not None:
             from cluster.gang import GangJob
 
-            bar.stage(f"stages 1-{len(stages) - 1} on {request.workers} workers", 1)
-            job = GangJob(cond=cond.to("cpu"), latents=latents.float().cpu(), stages=stages, first=1, steps=request.steps, config=config,
-                          transition_modes=transition_modes, final_mode=vae_mode, mask=mask, save_stages=request.save_stages)
-            results = gang.run(job)
+            bar.stage(f"stages {first_sharded}-{len(stages) - 1} on {request.workers} workers", 1)
+            job = GangJob(cond=cond.to("cpu"), latents=latents.float().cpu(), stages=stages, first=first_sharded, steps=request.steps,
+                          config=config, transition_modes=transition_modes, final_mode=vae_mode, mask=mask, save_stages=request.save_stages)
+            outcome = gang.render(job)
             bar.advance()
-            latents = torch.cat([result.latents for result in results], dim=2)
-            stage_images += [np.concatenate(strips, axis=0) for strips in zip(*(result.stage_pixels for result in results))]
-            stage_times += [max(seconds) for seconds in zip(*(result.seconds for result in results))]
-            workers = {"count": request.workers, "backend": gang.backend, "device": gang.device,
-                       "strips": [result.rows for result in results], "peak_bytes": [result.peak_bytes for result in results],
-                       "stage_seconds": [result.seconds for result in results], "step_bytes": [result.step_bytes for result in results]}
+            latents, workers = outcome.latents, outcome.summary
+            stage_images += outcome.stage_images
+            stage_times += outcome.stage_seconds
         bar.close()
         result = RenderResult(
             image=None, latents=latents.float().cpu(), stages=stages, stage_images=stage_images,
@@ -195,11 +192,26 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
     return result
 
 
+def first_sharded_stage(request: RenderRequest, stages: list[Size]) -> int:
+    """Index of the first stage the workers run: with --workers, the first upscaling stage with at least
+    --shard-from's pixels (default: every upscaling stage); len(stages) when none is sharded."""
+    if not request.workers:
+        return len(stages)
+    threshold = request.shard_from or stages[min(1, len(stages) - 1)]
+    first = next((index for index, size in enumerate(stages) if index > 0 and size[0] * size[1] >= threshold[0] * threshold[1]), len(stages))
+    if request.shard_from and first == len(stages):
+        raise RenderError(
+            f"--shard-from {format_size(request.shard_from)} is larger than every upscaling stage "
+            f"({', '.join(format_size(size) for size in stages[1:]) or 'none'}); nothing would run on the workers"
+        )
+    return first
+
+
 def check_shardable(pipeline, stages: list[Size], config, workers: int) -> None:
     """Every sharded stage must split into `workers` strips of whole units (before anything is started)."""
     from cluster.gang import stage_layout
 
-    for size in stages[1:]:
+    for size in stages:
         try:
             stage_layout(pipeline, size, config, workers)
         except ValueError as error:

@@ -135,6 +135,7 @@ class RenderRequest:
     workers: int = 0  # > 0: upscaling stages run row-sharded on this many Ray workers
     address: str | None = None  # Ray cluster to join with --workers (default: start or join a local one)
     gpus_per_worker: float | None = None  # default: 1 if the cluster has a GPU per worker, else CPU workers
+    shard_from: Size | None = None  # with workers: shard stages with at least this many pixels (default: all upscaling stages)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -162,6 +163,8 @@ class RenderRequest:
             raise RenderError(f"--workers {self.workers} must be 0 (one process) or more")
         if self.address and not self.workers:
             raise RenderError(f"--address {self.address} joins a Ray cluster for sharded stages; give --workers N too")
+        if self.shard_from and not self.workers:
+            raise RenderError(f"--shard-from {format_size(self.shard_from)} chooses which stages run on workers; give --workers N too")
         if self.gpus_per_worker is not None and not 0 <= self.gpus_per_worker <= 1:
             raise RenderError(f"--gpus-per-worker {self.gpus_per_worker}: use 1, a fraction to share GPUs, or 0 for CPU workers")
 

@@ -56,21 +56,29 @@ def test_two_workers_write_the_single_process_render(ray_session, tiny_pipeline,
         assert np.abs(stage.astype(int) - expected).max() <= 1
 
 
-def test_three_workers_tiled_vae_fast_mode_latents_match(ray_session, tiny_pipeline, tmp_path):
-    """Uneven strips (3 workers over 64 latent rows), diffusers-tiled transitions and final decode, fast mode."""
-    request = RenderRequest(prompt="blue square", seed=2, stages=((256, 256), (512, 512)), steps=5, vae_mode="tiled",
-                            freescale=FreeScaleConfig(fast_mode=True, fusion_blur="hwc"),
-                            out=tmp_path / "t.png")
+def test_three_workers_from_a_later_stage_tiled_vae_fast_mode(ray_session, tiny_pipeline, tmp_path):
+    """--shard-from 1024x1024: the coordinator runs 256 and 512, 3 workers the 4x stage on uneven strips (fast mode
+    needs 16-row units there: 48 + 48 + 32), with diffusers-tiled transitions and final decode."""
+    request = RenderRequest(prompt="blue square", seed=2, stages=((256, 256), (512, 512), (1024, 1024)), steps=5,
+                            vae_mode="tiled", freescale=FreeScaleConfig(fast_mode=True, fusion_blur="hwc"), out=tmp_path / "t.png")
     single = render(request, pipeline=tiny_pipeline, progress=False, write=False)
-    sharded = render(request.with_(workers=3), pipeline=tiny_pipeline, progress=False, write=False)
+    sharded = render(request.with_(workers=3, shard_from=(1024, 1024)), pipeline=tiny_pipeline, progress=False, write=False)
     assert float((sharded.latents - single.latents).abs().max()) <= 1e-4
     assert np.abs(sharded.image.astype(int) - single.image).max() <= 1
-    assert sharded.metadata["workers"]["strips"] == [(0, 24), (24, 48), (48, 64)]
+    assert sharded.metadata["workers"]["first_stage"] == 2
+    assert sharded.metadata["workers"]["strips"] == [(0, 48), (48, 96), (96, 128)]
+    assert len(sharded.metadata["seconds"]["stages"]) == 3
 
 
 def test_too_many_workers_is_refused_before_anything_starts(tiny_pipeline, tmp_path):
     request = RenderRequest(prompt="p", stages=((256, 256), (512, 512)), steps=2, workers=9, out=tmp_path / "x.png")
     with pytest.raises(RenderError, match=r"--workers 9 at stage 512x512: 64 latent rows cannot be split into 9 strips.*at most 8 workers"):
+        render(request, pipeline=tiny_pipeline, progress=False)
+
+
+def test_shard_from_above_every_stage_is_refused(tiny_pipeline, tmp_path):
+    request = RenderRequest(prompt="p", stages=((256, 256), (512, 512)), steps=2, workers=2, shard_from=(2048, 2048), out=tmp_path / "x.png")
+    with pytest.raises(RenderError, match=r"--shard-from 2048x2048 is larger than every upscaling stage \(512x512\)"):
         render(request, pipeline=tiny_pipeline, progress=False)
 
 
@@ -80,6 +88,7 @@ def test_too_many_workers_is_refused_before_anything_starts(tiny_pipeline, tmp_p
         ({"workers": -1}, r"--workers -1 must be 0"),
         ({"address": "ray://head:10001"}, r"--address ray://head:10001 .* give --workers N too"),
         ({"workers": 2, "gpus_per_worker": 2.0}, r"--gpus-per-worker 2.0: use 1, a fraction"),
+        ({"shard_from": (1024, 1024)}, r"--shard-from 1024x1024 chooses which stages run on workers; give --workers N too"),
     ],
 )
 def test_bad_cluster_options_are_one_line_errors(tmp_path, changes, message):
@@ -90,3 +99,8 @@ def test_bad_cluster_options_are_one_line_errors(tmp_path, changes, message):
 def test_unreservable_gang_times_out_with_a_clear_error(ray_session):
     with pytest.raises(RenderError, match=r"--workers 2: the cluster could not reserve 2 x \{'CPU': 1, 'GPU': 1.0\} within 2 s"):
         Gang(GangSpec(workers=2, model="tiny", gpus_per_worker=1.0, placement_timeout_s=2))
+
+
+def test_a_worker_that_cannot_load_the_model_is_a_one_line_error(ray_session, tmp_path):
+    with pytest.raises(RenderError, match=r"a worker failed to start: .*no-such-model"):
+        Gang(GangSpec(workers=1, model=str(tmp_path / "no-such-model")))
