@@ -19,6 +19,7 @@ import torch
 from cluster.gang import GangJob, GangResult, run_job
 from cluster.strips import init_process_group
 from renderer.errors import RenderError
+from renderer.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,11 @@ class GangWorker:
     def join(self, rank: int, world: int, address: str, backend: str, timeout_s: float) -> None:
         init_process_group(rank, world, address, backend, timeout_s)
 
-    def run(self, job: GangJob) -> GangResult:
-        """Run the job; keep the final pixel strip here until `take_pixels`, return the rest."""
-        result = run_job(self.pipeline, job)
+    def run(self, job: GangJob, progress_queue=None) -> GangResult:
+        """Run the job; keep the final pixel strip here until `take_pixels`, return the rest.
+
+        The worker given a `progress_queue` (rank 0) reports its stages and steps there."""
+        result = run_job(self.pipeline, job, progress=RelayProgress(progress_queue) if progress_queue is not None else None)
         self.pixels, result.pixels = result.pixels, None
         return result
 
@@ -107,6 +110,31 @@ def cpu_share(workers: int) -> float:
     largest_node = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
     share = min(largest_node, ray.cluster_resources().get("CPU", 1) / workers)
     return math.floor(share * 10_000) / 10_000  # Ray counts resources in 1e-4 units: round down so all fit
+
+
+class RelayProgress(Progress):
+    """A worker's progress, forwarded to the coordinator's bars through a Ray queue."""
+
+    def __init__(self, queue):
+        super().__init__(enabled=False)
+        self.queue = queue
+
+    def stage(self, label: str, steps: int) -> None:
+        self.queue.put(("stage", label, steps))
+
+    def advance(self) -> None:
+        self.queue.put(("advance",))
+
+
+def relay(queue, progress: Progress | None) -> None:
+    """Replay what the workers reported on the coordinator's `progress`."""
+    if queue is None:
+        return
+    for event in queue.get_nowait_batch(queue.qsize()):
+        if event[0] == "stage":
+            progress.stage(*event[1:])
+        else:
+            progress.advance()
 
 
 def failure(error: Exception) -> str:
@@ -177,9 +205,9 @@ class Gang:
             ray.kill(worker)
         self._remove(self.group)
 
-    def render(self, job: GangJob) -> GangOutcome:
+    def render(self, job: GangJob, progress: Progress | None = None) -> GangOutcome:
         """Run the job; the whole final latents, the stage images and timings, and a summary for the sidecar."""
-        results = self.run(job)
+        results = self.run(job, progress)
         return GangOutcome(
             latents=torch.cat([result.latents for result in results], dim=2),
             stage_images=[np.concatenate(strips, axis=0) for strips in zip(*(result.stage_pixels for result in results))],
@@ -191,15 +219,25 @@ class Gang:
             },
         )
 
-    def run(self, job: GangJob) -> list[GangResult]:
-        """Run the job on every worker; their results (without the final pixels) in rank order."""
-        import ray
+    def run(self, job: GangJob, progress: Progress | None = None) -> list[GangResult]:
+        """Run the job on every worker; their results (without the final pixels) in rank order.
 
-        pending = [worker.run.remote(job) for worker in self.workers]
+        With an enabled `progress`, rank 0's stages and steps are shown on it while the workers run."""
+        import ray
+        from ray.util.queue import Queue
+
+        queue = Queue() if progress is not None and progress.enabled else None
+        pending = [worker.run.remote(job, queue if rank == 0 else None) for rank, worker in enumerate(self.workers)]
         try:
+            while len(ray.wait(pending, num_returns=len(pending), timeout=0.5)[0]) < len(pending):
+                relay(queue, progress)
+            relay(queue, progress)
             return ray.get(pending)
         except ray.exceptions.RayError as error:  # the gang is torn down by __exit__; one rank's failure ends all
             raise RenderError(f"a worker failed in the sharded stages: {failure(error)}") from error
+        finally:
+            if queue is not None:
+                queue.shutdown()
 
     def pixel_rows(self) -> Iterator[np.ndarray]:
         """The final image, one worker's strip at a time: the coordinator never holds more than one strip."""

@@ -133,13 +133,14 @@ def run_job(pipeline, job: GangJob, group=None, progress: Progress | None = None
                 region = mask_at(job.mask, (rows.layout.height, size[0] // pipeline.vae_scale_factor))
                 region = region[:, :, rows.layout.rows(rows.rank)].to(device)
                 alpha = config.cosine_scale * region + config.cosine_scale_bg * (1 - region)
+            steps = job.steps - restart_index(job.steps, config.restart_fraction)
+            progress.stage(f"stage {index} {size[0]}x{size[1]} on {world} workers", steps)
             before = dict(received_bytes)
             with sharding(pipeline.unet, rows):
                 latents = upscale_stage(
                     pipeline, cond, reference, (size[1], size[0]), index, job.steps, config, alpha, progress,
                     backend=sharded_backend(rows), rows=rows.layout.rows(rows.rank),
                 )
-            steps = job.steps - restart_index(job.steps, config.restart_fraction)
             result.step_bytes.append({kind: (total - before.get(kind, 0)) // steps for kind, total in received_bytes.items()})
             previous = rows
             result.rows = rows.span

@@ -174,7 +174,13 @@ class RowGroup:
 
 
 def init_process_group(rank: int, world: int, address: str, backend: str, timeout_s: float) -> None:
-    """Explicit TCP rendezvous at `address` (host:port of rank 0), failing after `timeout_s`."""
+    """Explicit TCP rendezvous at `address` (host:port of rank 0), failing after `timeout_s`.
+
+    Ends with one all-reduce on every rank, so that communicators exist before the first point-to-point
+    batch (NCCL requires all ranks in the first one) and a broken group fails here, not mid-render."""
+    if backend == "nccl":
+        torch.cuda.set_device(0)  # Ray shows each GPU worker its own GPU as cuda:0
     dist.init_process_group(
         backend, init_method=f"tcp://{address}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
     )
+    dist.all_reduce(torch.zeros(1, device="cuda" if backend == "nccl" else "cpu"))

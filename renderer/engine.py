@@ -158,11 +158,9 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
         if gang is not None:
             from cluster.gang import GangJob
 
-            bar.stage(f"stages {first_sharded}-{len(stages) - 1} on {request.workers} workers", 1)
             job = GangJob(cond=cond.to("cpu"), latents=latents.float().cpu(), stages=stages, first=first_sharded, steps=request.steps,
                           config=config, transition_modes=transition_modes, final_mode=vae_mode, mask=mask, save_stages=request.save_stages)
-            outcome = gang.render(job)
-            bar.advance()
+            outcome = gang.render(job, bar)
             latents, workers = outcome.latents, outcome.summary
             stage_images += outcome.stage_images
             stage_times += outcome.stage_seconds

@@ -34,7 +34,7 @@ def mask_path(tmp_path_factory):
     return path
 
 
-def test_two_workers_write_the_single_process_render(ray_session, tiny_pipeline, tmp_path, mask_path):
+def test_two_workers_write_the_single_process_render(ray_session, tiny_pipeline, tmp_path, mask_path, capsys):
     """256 → 512 → 1024 (a 4× stage), mask and stage images on: the written poster equals the image rendered in one
     process to 1 level, the final latents to 1e-4."""
     args = ["--prompt", "a red kite", "--seed", "11", "--stages", "256x256,512x512,1024x1024", "--steps", "6",
@@ -42,7 +42,9 @@ def test_two_workers_write_the_single_process_render(ray_session, tiny_pipeline,
     single_request = request_from_args(build_parser().parse_args([*args, "--out", str(tmp_path / "single.tif")]))
     single = render(single_request, pipeline=tiny_pipeline, progress=False, write=False)
     out = tmp_path / "sharded.tif"
-    assert cli_main([*args, "--workers", "2", "--quiet", "--out", str(out)]) == 0
+    assert cli_main([*args, "--workers", "2", "--out", str(out)]) == 0
+    progress = capsys.readouterr().err
+    assert "stage 1 512x512 on 2 workers" in progress and "stage 2 1024x1024 on 2 workers" in progress and "5/5" in progress
 
     with tifffile.TiffFile(out) as tif:
         written = tif.pages[0].asarray()
