@@ -70,6 +70,11 @@ class GangWorker:
         self.pixels, result.pixels = result.pixels, None
         return result
 
+    def free_memory(self) -> int:
+        from renderer.engine import available_memory
+
+        return available_memory(torch.device(self.device))
+
     def take_pixels(self) -> np.ndarray:
         pixels, self.pixels = self.pixels, None
         return pixels
@@ -204,6 +209,18 @@ class Gang:
         for worker in self.workers:
             ray.kill(worker)
         self._remove(self.group)
+
+    def free_memory(self) -> int:
+        """The least free memory of any worker (its GPU's, or its node's for CPU workers), in bytes."""
+        import ray
+
+        return min(ray.get([worker.free_memory.remote() for worker in self.workers]))
+
+    def largest_share(self, size: tuple[int, int]) -> float:
+        """About the largest fraction of a stage's rows one worker holds (strips are whole units, so a little
+        more than 1/N)."""
+        units = size[1] // 64  # 8-latent-row strip units at the usual VAE scale of 8
+        return math.ceil(max(units, 1) / len(self.workers)) / max(units, 1)
 
     def render(self, job: GangJob, progress: Progress | None = None) -> GangOutcome:
         """Run the job; the whole final latents, the stage images and timings, and a summary for the sidecar."""

@@ -71,13 +71,15 @@ def available_memory(device: torch.device) -> int:
     return 2**34
 
 
-def choose_vae_mode(request: RenderRequest, pipeline, size: Size) -> str:
-    """`exact` when one full-resolution decoder activation, three times over, fits in 80 % of free memory."""
+def choose_vae_mode(request: RenderRequest, pipeline, size: Size, share: float = 1.0, available: int | None = None) -> str:
+    """`exact` when one full-resolution decoder activation, three times over, fits in 80 % of free memory.
+
+    A sharded decode holds `share` of the rows, in the `available` memory of the tightest worker."""
     if request.vae_mode != "auto":
         return request.vae_mode
     vae = pipeline.vae
-    activation = size[0] * size[1] * vae.config.block_out_channels[0] * torch.finfo(vae.dtype).bits // 8
-    return "exact" if 3 * activation < 0.8 * available_memory(vae.device) else "tiled"
+    activation = size[0] * size[1] * share * vae.config.block_out_channels[0] * torch.finfo(vae.dtype).bits // 8
+    return "exact" if 3 * activation < 0.8 * (available or available_memory(vae.device)) else "tiled"
 
 
 def unscaled(pipeline, latents: torch.Tensor) -> torch.Tensor:
@@ -118,18 +120,19 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
     initial = load_image(request.image, base) if request.image else None
     mask = load_mask(request.mask, base) if request.mask else None
     config = replace(request.freescale, seed=request.seed)
-    vae_mode = choose_vae_mode(request, pipeline, stages[-1])
     bar = Progress(progress)
     started = time.perf_counter()
     stage_times: list[float] = []
     stage_images: list[np.ndarray] = []
-    transition_modes = [choose_vae_mode(request, pipeline, size) for size in stages[:-1]]
     first_sharded = first_sharded_stage(request, stages)
     if first_sharded < len(stages):
         check_shardable(pipeline, stages[first_sharded:], config, request.workers)
     device = pipeline.unet.device
     with ExitStack() as stack, torch.inference_mode():
         gang = stack.enter_context(start_gang(request)) if first_sharded < len(stages) else None
+        # The decode before stage i (and the final one, "before" stage len) runs where stage i runs.
+        modes = [decode_mode(request, pipeline, stages[i - 1], gang if i >= first_sharded else None) for i in range(1, len(stages) + 1)]
+        transition_modes, vae_mode = modes[:-1], modes[-1]
         cond = encode_prompts(pipeline, request.prompt, request.negative_prompt, (base[1], base[0]), request.guidance)
         stage_start = time.perf_counter()
         if initial is None:
@@ -188,6 +191,13 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
     if kept:
         result.image = np.concatenate(kept, axis=0)
     return result
+
+
+def decode_mode(request: RenderRequest, pipeline, size: Size, gang) -> str:
+    """The VAE mode of a decode at `size`, in this process or (with a gang) spread over its workers."""
+    if gang is None:
+        return choose_vae_mode(request, pipeline, size)
+    return choose_vae_mode(request, pipeline, size, share=gang.largest_share(size), available=gang.free_memory())
 
 
 def first_sharded_stage(request: RenderRequest, stages: list[Size]) -> int:
