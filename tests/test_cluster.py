@@ -110,9 +110,9 @@ def test_a_worker_that_cannot_load_the_model_is_a_one_line_error(ray_session, tm
 
 def test_auto_vae_mode_sizes_a_sharded_decode_by_the_strip_and_the_workers_memory(tiny_pipeline, tmp_path):
     """16384² with the tiny VAE (16 channels, fp32): one activation is 17 GB. Whole, three of them do not fit in
-    80 % of 64 GB; an eighth of the rows does."""
+    80 % of 32 GiB; an eighth of the rows does."""
     from renderer.engine import choose_vae_mode
 
     request = RenderRequest(prompt="p", size=(16384, 16384), out=tmp_path / "x.tif")
-    assert choose_vae_mode(request, tiny_pipeline, (16384, 16384), available=64 * 2**30) == "tiled"
-    assert choose_vae_mode(request, tiny_pipeline, (16384, 16384), share=1 / 8, available=64 * 2**30) == "exact"
+    assert choose_vae_mode(request, tiny_pipeline, (16384, 16384), available=32 * 2**30) == "tiled"
+    assert choose_vae_mode(request, tiny_pipeline, (16384, 16384), share=1 / 8, available=32 * 2**30) == "exact"
