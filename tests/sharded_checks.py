@@ -24,6 +24,7 @@ from cluster.strips import RowGroup, StripLayout, plan_strips
 from freescale_core import FreeScaleConfig, freescale_mode
 from freescale_core.attention import ScaleFusionProcessor, StageGeometry
 from freescale_core.blur import gaussian_blur
+from freescale_core.windows import plan_windows, window_shape
 from freescale_core.freeu import fourier_filter
 from renderer.stages import encode
 from renderer.vae_bands import decode_tiled
@@ -142,6 +143,25 @@ def check_scale_fusion(rows: RowGroup) -> Errors:
     return errors
 
 
+def check_windows(rows: RowGroup) -> Errors:
+    """The local branch alone: every window with zero-padded borders and seeded jitter, at both grids."""
+    torch.manual_seed(1)
+    attn = Attention(query_dim=16, heads=2, dim_head=8).double().eval()
+    errors = {}
+    for downsample in (1, 2):
+        geometry = fusion_geometry((rows.layout.height, 12), train_latent=16)
+        grid = (rows.layout.height // downsample, 12 // downsample)
+        window = window_shape(grid, geometry.size_px, geometry.train_latent, downsample)
+        plan = plan_windows(grid, window, True, geometry.seed, key=("windows", downsample))
+        assert plan.rows.jitter > 0 and plan.rows.count >= 2  # windows overlap strip borders and the padding
+        hidden = structured((2, *grid, 16), rows.layout, row_dim=1)
+        expected, _ = ScaleFusionProcessor(geometry, 0).local_branch(attn, hidden, plan, window)
+        got, _ = ShardedScaleFusion(geometry, 0, rows).local_branch(attn, strip(rows, hidden, 1), plan, window)
+        token_rows = rows.with_layout(rows.layout.scaled(Fraction(grid[1], downsample)))
+        errors[f"local windows, padded and jittered, 1/{downsample} grid"] = relative(got, strip(token_rows, expected, 1))
+    return errors
+
+
 def check_blur(rows: RowGroup) -> Errors:
     grid = structured((2, rows.layout.height, 9, 6), rows.layout, row_dim=1)
     errors = {}
@@ -217,7 +237,7 @@ def run_all(rank: int, world: int) -> Errors:
 
     rows = RowGroup(LAYOUTS[world])
     errors: Errors = {}
-    for check in (check_convs, check_group_norm, check_ring_attention, check_scale_fusion, check_blur, check_fourier, check_resize):
+    for check in (check_convs, check_group_norm, check_ring_attention, check_windows, check_scale_fusion, check_blur, check_fourier, check_resize):
         errors.update(check(rows))
     pipeline = load_pipeline("tiny")
     errors.update(check_vae(rows, pipeline))

@@ -22,7 +22,8 @@ TOLERANCES = {
 }
 CHECKS = [
     "conv 3x3", "conv dilated 3", "conv dilated 12 (halo wider than a strip)", "conv stride 2", "conv dilated 2 stride 2",
-    "upsample then conv", "downsample padded bottom-right", "group norm", "ring attention", "scale fusion hw, jitter",
+    "upsample then conv", "downsample padded bottom-right", "group norm", "ring attention",
+    "local windows, padded and jittered, 1/1 grid", "local windows, padded and jittered, 1/2 grid", "scale fusion hw, jitter",
     "scale fusion hwc", "scale fusion wc, no jitter", "scale fusion at the 1/2 grid", "scale fusion fast mode",
     "blur hw k=5", "blur hw k=15", "blur hwc k=5", "blur hwc k=15", "blur wc k=5", "blur wc k=15",
     "freeu fourier filter s=0.6", "freeu fourier filter s=0.4", "bicubic resize 20->40", "bicubic resize 20->30",
