@@ -212,7 +212,8 @@ def check_vae(rows: RowGroup, pipeline) -> Errors:
 
 
 def check_unet(rank: int, world: int, pipeline) -> Errors:
-    """A whole tiny-UNet CFG forward in FreeScale mode at a 4x stage (1024 px, dilated step) on uneven strips."""
+    """A whole tiny-UNet CFG forward in FreeScale mode at a 4x stage (1024 px) on uneven strips: a dilated step, a
+    plain one, and with scale fusion off (plain self-attention over all strips)."""
     config = FreeScaleConfig(seed=5)
     size = (1024, 1024)
     rows = RowGroup(UNET_LAYOUTS[world])
@@ -221,13 +222,14 @@ def check_unet(rank: int, world: int, pipeline) -> Errors:
     embeds = torch.linspace(-1, 1, 2 * 77 * unet.config.cross_attention_dim).view(2, 77, -1)
     added = {"text_embeds": torch.linspace(-1, 1, 2 * 32).view(2, 32), "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 2)}
     errors = {}
+    cases = {"step 0": (config, 0), "step 40": (config, 40), "no scale fusion, step 0": (replace(config, scale_fusion=False), 0)}
     with torch.inference_mode():
-        for step in (0, 40):
-            with freescale_mode(unet, config, size=size, step_index=step):
+        for name, (case, step) in cases.items():
+            with freescale_mode(unet, case, size=size, step_index=step):
                 expected = unet(latent, 500, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
-            with sharding(unet, rows), freescale_mode(unet, config, size=size, step_index=step, backend=sharded_backend(rows)):
+            with sharding(unet, rows), freescale_mode(unet, case, size=size, step_index=step, backend=sharded_backend(rows)):
                 got = unet(strip(rows, latent), 500, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
-            errors[f"tiny unet forward, step {step}"] = relative(got, strip(rows, expected))
+            errors[f"tiny unet forward, {name}"] = relative(got, strip(rows, expected))
     return errors
 
 

@@ -28,7 +28,7 @@ CHECKS = [
     "blur hw k=5", "blur hw k=15", "blur hwc k=5", "blur hwc k=15", "blur wc k=5", "blur wc k=15",
     "freeu fourier filter s=0.6", "freeu fourier filter s=0.4", "bicubic resize 20->40", "bicubic resize 20->30",
     "bicubic resize 24->72", "vae decode exact", "vae decode tiled", "vae encode",
-    "tiny unet forward, step 0", "tiny unet forward, step 40",
+    "tiny unet forward, step 0", "tiny unet forward, step 40", "tiny unet forward, no scale fusion, step 0",
 ]
 
 
