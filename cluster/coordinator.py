@@ -7,6 +7,7 @@ address: NCCL with one GPU per worker, gloo on CPU workers or when workers share
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -97,14 +98,14 @@ def connect(address: str | None, workers: int) -> None:
         return
     if address or os.environ.get("RAY_ADDRESS"):
         try:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except ConnectionError as error:
             raise RenderError(f"--address {address or os.environ['RAY_ADDRESS']}: no Ray cluster answers there ({error})") from None
         return
     try:
-        ray.init(address="auto", log_to_driver=False)
+        ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
     except ConnectionError:
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers), log_to_driver=False, include_dashboard=False)
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers), log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
 
 
 def cpu_share(workers: int) -> float:
