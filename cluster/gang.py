@@ -8,9 +8,9 @@ exchanging only what `cluster.ops` needs. Nothing per step passes through the co
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-import time
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ STRIP_UNIT = 8  # latent rows: whole rows at the UNet's ¼ grid, even rows at it
 
 @dataclass
 class GangJob:
+    """Everything the workers need, sent once: no per-step traffic passes through the coordinator."""
+
     cond: Conditioning  # on the CPU
     latents: torch.Tensor  # (1, 4, h, w) of stage `first - 1`, whole, on the CPU
     stages: list[tuple[int, int]]  # (width, height) of every stage, base first

@@ -15,7 +15,7 @@ from torch import nn
 
 from cluster.strips import RowGroup, StripLayout
 from freescale_core.blur import BLUR_AXES, gaussian_blur
-from renderer.vae_bands import group_sums, normalize_groups
+from renderer.vae_bands import group_moments, merge_moments, normalize_groups
 
 
 def conv(rows: RowGroup, module: nn.Conv2d, x: torch.Tensor, pad_top: int | None = None) -> torch.Tensor:
@@ -39,8 +39,13 @@ def conv(rows: RowGroup, module: nn.Conv2d, x: torch.Tensor, pad_top: int | None
 
 
 def group_norm(rows: RowGroup, module: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm with statistics summed over all strips (float64 count, Σx, Σx²: the between-strip term is in)."""
-    return normalize_groups(module, x, rows.sum(group_sums(x, module.num_groups)))
+    """GroupNorm with every strip's (count, mean, M2) merged with the between-strip term (design §A.3).
+
+    Each rank fills its slot of a (ranks, B, groups, 3) tensor and one all-reduce hands everyone all slots."""
+    moments = group_moments(x, module.num_groups)
+    slots = moments.new_zeros(rows.world, *moments.shape)
+    slots[rows.rank] = moments
+    return normalize_groups(module, x, *merge_moments(rows.sum(slots)))
 
 
 def fourier_filter(rows: RowGroup, x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ Two modes:
 - `tiled` reproduces diffusers' tiled decode (tiles of the VAE's sample size, ¼ overlap, linear blends,
   per-tile GroupNorm), one row of tiles at a time: only one tile row is ever held.
 - `exact` equals an untiled decode. It runs the decoder layer by layer over row bands: 3×3 convs read
-  one-row halos from the neighbouring bands, GroupNorm statistics are summed over all bands (float64)
+  one-row halos from the neighbouring bands, GroupNorm moments of all bands are merged (float64)
   before any band is normalised, and the mid-block attention lets every band's queries see the keys of
   all bands. No op ever sees more than a band plus its halo, so peak memory is one layer's activation
   plus one band's temporaries, instead of the several full-size temporaries of an untiled decode.
@@ -50,20 +50,29 @@ def conv_bands(conv: nn.Conv2d, bands: Bands) -> Bands:
     return [conv_band(conv, bands, index) for index in range(len(bands))]
 
 
-def group_sums(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(count, Σx, Σx²) per (batch, group) of a piece of an activation, in float64: (B, groups, 3).
+def group_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(count, mean, M2 = Σ(x − mean)²) per (batch, group) of a piece of an activation: (B, groups, 3), float64.
 
-    Summing these over pieces gives the exact statistics of the whole, between-piece term included."""
-    grouped = x.double().reshape(x.shape[0], groups, -1)
-    count = torch.full_like(grouped[..., 0], grouped.shape[-1])
-    return torch.stack([count, grouped.sum(-1), (grouped**2).sum(-1)], dim=-1)
+    Two passes in at least fp32 (one temporary of the piece's size), so no large cancelling sums."""
+    grouped = x.reshape(x.shape[0], groups, -1)
+    mean = grouped.mean(-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+    deviation = grouped - mean
+    m2 = deviation.square_().sum(-1)
+    return torch.stack([torch.full_like(m2, grouped.shape[-1]), mean[..., 0], m2], dim=-1).double()
 
 
-def normalize_groups(norm: nn.GroupNorm, x: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    """GroupNorm of a piece `x` with the `group_sums` of the whole activation."""
-    count, total, sum_squares = sums.unbind(-1)
-    mean = total / count
-    inv_std = torch.rsqrt((sum_squares / count - mean**2).clamp(min=0) + norm.eps)
+def merge_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance of the whole from the `group_moments` of its pieces, stacked on dim 0:
+    var = [Σ M2_r + Σ n_r (mean_r − mean)²] / N, the between-piece term included."""
+    count, mean, m2 = moments.unbind(-1)
+    total = count.sum(0)
+    overall = (count * mean).sum(0) / total
+    return overall, (m2.sum(0) + (count * (mean - overall) ** 2).sum(0)) / total
+
+
+def normalize_groups(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of a piece `x` with the mean and variance (B, groups) of the whole activation."""
+    inv_std = torch.rsqrt(var + norm.eps)
     batch, channels = x.shape[:2]
     grouped = x.reshape(batch, norm.num_groups, -1)
     normed = ((grouped - mean[..., None].to(x.dtype)) * inv_std[..., None].to(x.dtype)).reshape(x.shape)
@@ -74,9 +83,9 @@ def normalize_groups(norm: nn.GroupNorm, x: torch.Tensor, sums: torch.Tensor) ->
 
 
 def group_norm_bands(norm: nn.GroupNorm, bands: Bands) -> Bands:
-    """GroupNorm with statistics over all bands: exact mean and variance (float64 sums)."""
-    sums = sum(group_sums(band, norm.num_groups) for band in bands)
-    return [normalize_groups(norm, band, sums) for band in bands]
+    """GroupNorm with statistics over all bands (moments merged in float64)."""
+    mean, var = merge_moments(torch.stack([group_moments(band, norm.num_groups) for band in bands]))
+    return [normalize_groups(norm, band, mean, var) for band in bands]
 
 
 def silu_bands(bands: Bands) -> Bands:
