@@ -121,7 +121,7 @@ class ScaleFusionProcessor:
     """Replaces the processor of one `attn1`; `block_index` keys its window-jitter stream.
 
     The three branches (local windows, global attention, blur) are methods, so that a row-sharded variant
-    (`cluster.processors`) can replace how each one reaches beyond its rows and keep everything else.
+    (`cluster.sharding`) can replace how each one reaches beyond its rows and keep everything else.
     """
 
     def __init__(self, geometry: StageGeometry, block_index: int):
