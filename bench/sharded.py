@@ -13,6 +13,7 @@ coefficients per channel for FreeU, 3 numbers per group for GroupNorm.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -30,8 +31,10 @@ from renderer.models import load_pipeline
 from renderer.request import parse_size
 
 
+@functools.cache
 def traced_shapes(pipeline, size: tuple[int, int], step_index: int) -> list[tuple]:
-    """(kind, module facts, input shape) of every cross-strip op of one CFG UNet forward at `size` (W, H)."""
+    """(kind, module facts, input shape) of every cross-strip op of one CFG UNet forward at `size` (W, H);
+    cached, since every rank's estimate reads the same trace."""
     unet = pipeline.unet
     seen: list[tuple] = []
     hooks = []

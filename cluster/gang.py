@@ -8,8 +8,9 @@ exchanging only what `cluster.ops` needs. Nothing per step passes through the co
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -53,17 +54,17 @@ class GangResult:
     rows: tuple[int, int]  # its latent rows of the final stage
     latents: torch.Tensor  # its rows of the final latents (fp32, CPU)
     pixels: np.ndarray  # its rows of the final image, uint8
-    stage_pixels: list[np.ndarray] = field(default_factory=list)  # its rows of each stage image from `first - 1` on
-    seconds: list[float] = field(default_factory=list)  # per sharded stage
-    step_bytes: list[dict[str, int]] = field(default_factory=list)  # bytes received per denoising step, per stage
-    peak_bytes: int = 0
+    stage_pixels: list[np.ndarray]  # with save_stages, its rows of each stage image from `first - 1` on
+    seconds: list[float]  # per sharded stage
+    step_bytes: list[dict[str, int]]  # bytes received per denoising step, per stage
+    peak_bytes: int
 
 
 def strip_unit(config: FreeScaleConfig, size: tuple[int, int], train_px: int) -> int:
     """Fast mode splits the ¼ grid into s_h-row sub-grid cells, so strips hold whole cells there."""
     if not config.fast_mode:
         return STRIP_UNIT
-    return int(np.lcm(STRIP_UNIT, 4 * scale_factors((size[1], size[0]), train_px)[0]))
+    return math.lcm(STRIP_UNIT, 4 * scale_factors((size[1], size[0]), train_px)[0])
 
 
 def stage_layout(pipeline, size: tuple[int, int], config: FreeScaleConfig, ranks: int) -> StripLayout:
@@ -117,7 +118,9 @@ def run_job(pipeline, job: GangJob, group=None, progress: Progress | None = None
     world = torch.distributed.get_world_size(group)
     previous = RowGroup(plan_strips(job.latents.shape[2], world, 1), group)
     latents = job.latents[:, :, previous.layout.rows(previous.rank)].to(device)
-    result = GangResult(rank=previous.rank, rows=previous.span, latents=latents, pixels=np.zeros((0, 0, 3), np.uint8))
+    stage_pixels: list[np.ndarray] = []
+    seconds: list[float] = []
+    step_bytes: list[dict[str, int]] = []
     with torch.inference_mode():
         for index in range(job.first, len(job.stages)):
             started = time.perf_counter()
@@ -127,7 +130,7 @@ def run_job(pipeline, job: GangJob, group=None, progress: Progress | None = None
             if config.upsample_space == "rgb" or job.save_stages:
                 image = decode_strip(pipeline, previous, latents, job.transition_modes[index - 1])
             if job.save_stages:
-                result.stage_pixels.append(to_pixels(image))
+                stage_pixels.append(to_pixels(image))
             reference = stage_reference(pipeline, previous, latents, image, rows, size, config, index)
             del image
             alpha = config.cosine_scale
@@ -143,14 +146,14 @@ def run_job(pipeline, job: GangJob, group=None, progress: Progress | None = None
                     pipeline, cond, reference, (size[1], size[0]), index, job.steps, config, alpha, progress,
                     backend=sharded_backend(rows), rows=rows.layout.rows(rows.rank),
                 )
-            result.step_bytes.append({kind: (total - before.get(kind, 0)) // steps for kind, total in received_bytes.items()})
+            step_bytes.append({kind: (total - before.get(kind, 0)) // steps for kind, total in received_bytes.items()})
             previous = rows
-            result.rows = rows.span
-            result.seconds.append(time.perf_counter() - started)
-        result.latents = latents.float().cpu()
-        result.pixels = to_pixels(decode_strip(pipeline, previous, latents, job.final_mode))
-    result.peak_bytes = peak_memory(device)
-    return result
+            seconds.append(time.perf_counter() - started)
+        pixels = to_pixels(decode_strip(pipeline, previous, latents, job.final_mode))
+    return GangResult(
+        rank=previous.rank, rows=previous.span, latents=latents.float().cpu(), pixels=pixels, stage_pixels=stage_pixels,
+        seconds=seconds, step_bytes=step_bytes, peak_bytes=peak_memory(device),
+    )
 
 
 def peak_memory(device: torch.device) -> int:

@@ -69,6 +69,13 @@ def plan_strips(height: int, ranks: int, unit: int) -> StripLayout:
     return StripLayout(tuple(bounds))
 
 
+def with_rows(x: torch.Tensor, dim: int, rows: int) -> list[int]:
+    """The shape of `x` with `rows` rows along `dim`."""
+    shape = list(x.shape)
+    shape[dim] = rows
+    return shape
+
+
 class RowGroup:
     """This rank's view of a row-sharded tensor world: the layout, and the exchanges over the process group.
 
@@ -99,10 +106,12 @@ class RowGroup:
     def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.cpu() if self.host_staging else tensor
 
-    def fetch(self, x: torch.Tensor, dim: int, requests: Sequence[Span], purpose: str = "rows") -> torch.Tensor:
+
+    def fetch(self, x: torch.Tensor, dim: int, requests: Sequence[Span], purpose: str) -> torch.Tensor:
         """Rows requests[rank] of the global tensor whose strip `x` is; rows outside the image are zeros.
 
-        Every rank passes the same `requests` (one span per rank), so each knows what to send to whom."""
+        Every rank passes the same `requests` (one span per rank), so each knows what to send to whom;
+        `purpose` labels the bytes in `received_bytes`."""
         layout = self.layout_for(x.shape[dim])
         own_start, own_stop = layout.span(self.rank)
         want_start, want_stop = requests[self.rank]
@@ -118,9 +127,7 @@ class RowGroup:
             other_start, other_stop = layout.span(other)
             start, stop = max(want_start, other_start), min(want_stop, other_stop)
             if start < stop:
-                shape = list(x.shape)
-                shape[dim] = stop - start
-                pieces[start] = self._wire(x.new_empty(shape))
+                pieces[start] = self._wire(x.new_empty(with_rows(x, dim, stop - start)))
                 operations.append(dist.P2POp(dist.irecv, pieces[start], other, self.group))
         for request in dist.batch_isend_irecv(operations) if operations else []:
             request.wait()
@@ -131,9 +138,7 @@ class RowGroup:
             pieces[start] = x.narrow(dim, start - own_start, stop - start)
         for start, stop in ((want_start, min(want_stop, 0)), (max(want_start, layout.height), want_stop)):
             if start < stop:
-                shape = list(x.shape)
-                shape[dim] = stop - start
-                pieces[start] = x.new_zeros(shape)
+                pieces[start] = x.new_zeros(with_rows(x, dim, stop - start))
         covered = sum(piece.shape[dim] for piece in pieces.values())
         if covered != want_stop - want_start:
             raise RuntimeError(f"rows {want_start}:{want_stop} were not all delivered ({covered} rows)")
@@ -156,10 +161,8 @@ class RowGroup:
         for step in range(self.world):
             pending = []
             if step + 1 < self.world:
-                source = (self.rank - step - 1) % self.world
-                shape = list(block.shape)
-                shape[dim] = layout.span(source)[1] - layout.span(source)[0]
-                incoming = self._wire(block.new_empty(shape))
+                source_start, source_stop = layout.span((self.rank - step - 1) % self.world)
+                incoming = self._wire(block.new_empty(with_rows(block, dim, source_stop - source_start)))
                 operations = [
                     dist.P2POp(dist.isend, self._wire(current.contiguous()), (self.rank + 1) % self.world, self.group),
                     dist.P2POp(dist.irecv, incoming, (self.rank - 1) % self.world, self.group),

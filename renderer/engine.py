@@ -130,8 +130,7 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
     device = pipeline.unet.device
     with ExitStack() as stack, torch.inference_mode():
         gang = stack.enter_context(start_gang(request)) if first_sharded < len(stages) else None
-        # The decode before stage i (and the final one, "before" stage len) runs where stage i runs.
-        modes = [decode_mode(request, pipeline, stages[i - 1], gang if i >= first_sharded else None) for i in range(1, len(stages) + 1)]
+        modes = decode_modes(request, pipeline, stages, first_sharded, gang)
         transition_modes, vae_mode = modes[:-1], modes[-1]
         cond = encode_prompts(pipeline, request.prompt, request.negative_prompt, (base[1], base[0]), request.guidance)
         stage_start = time.perf_counter()
@@ -193,11 +192,19 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
     return result
 
 
-def decode_mode(request: RenderRequest, pipeline, size: Size, gang) -> str:
-    """The VAE mode of a decode at `size`, in this process or (with a gang) spread over its workers."""
-    if gang is None:
-        return choose_vae_mode(request, pipeline, size)
-    return choose_vae_mode(request, pipeline, size, share=gang.largest_share(size), available=gang.free_memory())
+def decode_modes(request: RenderRequest, pipeline, stages: list[Size], first_sharded: int, gang) -> list[str]:
+    """The VAE mode of each stage's decode: before the next stage, and the final one for the last.
+
+    A decode runs where the stage after it runs; one on the workers is sized by a worker's strip against
+    the tightest worker's free memory (asked once, and only when the mode is `auto`)."""
+    worker_memory = gang.free_memory() if gang is not None and request.vae_mode == "auto" else None
+    modes = []
+    for index, size in enumerate(stages):
+        if gang is not None and index + 1 >= first_sharded:
+            modes.append(choose_vae_mode(request, pipeline, size, share=gang.largest_share(size), available=worker_memory))
+        else:
+            modes.append(choose_vae_mode(request, pipeline, size))
+    return modes
 
 
 def first_sharded_stage(request: RenderRequest, stages: list[Size]) -> int:
@@ -205,9 +212,11 @@ def first_sharded_stage(request: RenderRequest, stages: list[Size]) -> int:
     --shard-from's pixels (default: every upscaling stage); len(stages) when none is sharded."""
     if not request.workers:
         return len(stages)
-    threshold = request.shard_from or stages[min(1, len(stages) - 1)]
-    first = next((index for index, size in enumerate(stages) if index > 0 and size[0] * size[1] >= threshold[0] * threshold[1]), len(stages))
-    if request.shard_from and first == len(stages):
+    if request.shard_from is None:
+        return 1 if len(stages) > 1 else len(stages)
+    area = request.shard_from[0] * request.shard_from[1]
+    first = next((index for index, size in enumerate(stages[1:], start=1) if size[0] * size[1] >= area), None)
+    if first is None:
         raise RenderError(
             f"--shard-from {format_size(request.shard_from)} is larger than every upscaling stage "
             f"({', '.join(format_size(size) for size in stages[1:]) or 'none'}); nothing would run on the workers"
