@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cluster import ops
-from cluster.gang import GangJob, run_job
+from cluster.gang import StageJob, run_job
 from cluster.sharding import sharded_backend, sharding
 from cluster.spawn import run_ranks
 from cluster.strips import RowGroup, plan_strips
@@ -60,14 +60,14 @@ def strict_fp32() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def tiny_rank(rank: int, world: int, job: GangJob, device: str) -> dict:
+def tiny_rank(rank: int, world: int, job: StageJob, device: str) -> dict:
     global DEVICE
     DEVICE = device
     strict_fp32()
     pipeline = load_pipeline("tiny", device, torch.float32)
     started = time.perf_counter()
-    result = run_job(pipeline, job)
-    return {"latents": result.latents, "pixels": result.pixels, "seconds": time.perf_counter() - started,
+    result, pixels = run_job(pipeline, job)
+    return {"latents": result.latents, "pixels": pixels, "seconds": time.perf_counter() - started,
             "peak": peak_memory(), "bytes": result.step_bytes}
 
 
@@ -85,7 +85,7 @@ def tiny_part(mode: str) -> None:
     with torch.inference_mode():
         cond = encode_prompts(pipeline, request.prompt, "", (256, 256), request.guidance)
         base = generate_base(pipeline, cond, (256, 256), request.steps, config, Progress(False))
-    job = GangJob(cond=cond.to("cpu"), latents=base.float().cpu(), stages=list(stages), first=1, steps=request.steps,
+    job = StageJob(cond=cond.to("cpu"), latents=base.float().cpu(), stages=list(stages), first=1, last=len(stages), steps=request.steps,
                   config=config, transition_modes=[mode, mode], final_mode=mode)
     results = run_ranks(2, partial(tiny_rank, job=job, device=DEVICE), threads=4)
     latents = torch.cat([r["latents"] for r in results], dim=2)

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cluster.gang import GangJob, GangResult, run_job
+from cluster.gang import GangResult, StageJob, run_job
 from cluster.strips import init_process_group
 from renderer.errors import RenderError
 from renderer.progress import Progress
@@ -63,16 +63,21 @@ class GangWorker:
     def join(self, rank: int, world: int, address: str, backend: str, timeout_s: float) -> None:
         init_process_group(rank, world, address, backend, timeout_s)
 
-    def run(self, job: GangJob, progress_queue=None) -> GangResult:
+    def run(self, job: StageJob, queue=None, report_progress: bool = False) -> GangResult:
         """Run the job; keep the final pixel strip here until `take_pixels`, return the rest.
 
-        The worker given a `progress_queue` (rank 0) reports its stages and steps there."""
-        result = run_job(self.pipeline, job, progress=RelayProgress(progress_queue) if progress_queue is not None else None)
-        self.pixels, result.pixels = result.pixels, None
+        Checkpoint rows go to the coordinator through `queue`; the rank with `report_progress` also reports
+        its stages and steps there."""
+        progress = RelayProgress(queue) if report_progress else None
+        sink = None
+        if queue is not None:
+            def sink(stage, step, span, latents, reference):
+                queue.put(("checkpoint", stage, step, span, latents, reference))
+        result, self.pixels = run_job(self.pipeline, job, progress=progress, checkpoint=sink)
         return result
 
     def free_memory(self) -> int:
-        from renderer.engine import available_memory
+        from renderer.preflight import available_memory
 
         return available_memory(torch.device(self.device))
 
@@ -84,28 +89,50 @@ class GangWorker:
 @dataclass
 class GangOutcome:
     latents: torch.Tensor  # the final latents, whole (small: a 16K latent is 64 MiB in fp32)
-    stage_images: list[np.ndarray]  # with --save-stages, the images of the stages before each sharded one
-    stage_seconds: list[float]  # per sharded stage, the slowest worker's
+    stage_images: dict[int, np.ndarray]  # with --save-stages, the images of the stages decoded on the workers
+    stage_seconds: list[float]  # per stage run, the slowest worker's
     summary: dict  # for the sidecar: workers, backend, strips, peak memory, bytes received per step
+
+
+class WorkerLost(RenderError):
+    """A worker died or a collective failed (a peer lost, a timeout): the gang must be rebuilt."""
 
 
 def connect(address: str | None, workers: int) -> None:
     """Join `address`, else the cluster this process runs in (`ray job submit`, RAY_ADDRESS, a local `ray start`),
-    else start a local Ray with at least one CPU per worker."""
+    else start a local Ray with at least one CPU per worker.
+
+    Joining never passes resources (Ray only takes them when it starts a cluster). Under `ray job submit` the
+    job's supervisor sets RAY_ADDRESS to the cluster's GCS address, so this process becomes the job's driver and
+    the gang's actors and placement group belong to the job (they end with it). `ray.init` replaces the
+    driver's SIGTERM handler with its own `sys.exit`; a handler the caller installed (the CLI's, which stops
+    the render cleanly) is put back."""
+    import signal
+    import threading
+
     import ray
 
     if ray.is_initialized():
         return
-    if address or os.environ.get("RAY_ADDRESS"):
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        except ConnectionError as error:
-            raise RenderError(f"--address {address or os.environ['RAY_ADDRESS']}: no Ray cluster answers there ({error})") from None
-        return
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
-        ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
-    except ConnectionError:
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers), log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
+        joined = address or os.environ.get("RAY_ADDRESS")
+        if joined:
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            except ConnectionError as error:
+                where = f"--address {address}" if address else f"RAY_ADDRESS={joined}"
+                raise RenderError(f"{where}: no Ray cluster answers there ({error})") from None
+            return
+        try:
+            ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
+        except ConnectionError:
+            ray.init(num_cpus=max(os.cpu_count() or 1, workers), log_to_driver=False, include_dashboard=False,
+                     logging_level=logging.WARNING)
+    finally:
+        if callable(handler) and signal.getsignal(signal.SIGTERM) is not handler:
+            signal.signal(signal.SIGTERM, handler)
 
 
 def cpu_share(workers: int) -> float:
@@ -116,6 +143,33 @@ def cpu_share(workers: int) -> float:
     largest_node = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
     share = min(largest_node, ray.cluster_resources().get("CPU", 1) / workers)
     return math.floor(share * 10_000) / 10_000  # Ray counts resources in 1e-4 units: round down so all fit
+
+
+def bundle_for(gpus_per_worker: float | None, workers: int) -> tuple[dict, float]:
+    """One worker's reservation, and its GPUs: 1 GPU each if the cluster has one per worker (or as asked), else CPUs."""
+    import ray
+
+    gpus = gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= workers else 0.0
+    return {"CPU": 1 if gpus else cpu_share(workers), **({"GPU": gpus} if gpus else {})}, gpus
+
+
+def workers_that_fit(gpus_per_worker: float | None, wanted: int, settle_s: float = 10.0) -> int:
+    """How many of `wanted` workers the cluster's free resources host now (waiting up to `settle_s` for
+    resources of a torn-down gang to come back)."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        bundle, _ = bundle_for(gpus_per_worker, wanted)
+        free = ray.available_resources()
+        fit = min(int(free.get(name, 0) // amount) if amount else wanted for name, amount in bundle.items())
+        if fit >= wanted or time.monotonic() > deadline:
+            return min(fit, wanted)
+        time.sleep(0.5)
 
 
 class RelayProgress(Progress):
@@ -132,15 +186,15 @@ class RelayProgress(Progress):
         self.queue.put(("advance",))
 
 
-def relay(queue, progress: Progress | None) -> None:
-    """Replay what the workers reported on the coordinator's `progress`."""
-    if queue is None:
-        return
+def relay(queue, progress: Progress, on_checkpoint) -> None:
+    """Replay what the workers reported: progress on the coordinator's bars, checkpoint rows to `on_checkpoint`."""
     for event in queue.get_nowait_batch(queue.qsize()):
         if event[0] == "stage":
             progress.stage(*event[1:])
-        else:
+        elif event[0] == "advance":
             progress.advance()
+        else:
+            on_checkpoint(*event[1:])
 
 
 def failure(error: Exception) -> str:
@@ -148,6 +202,21 @@ def failure(error: Exception) -> str:
     cause = getattr(error, "cause", None) or error
     text = str(cause).strip()
     return text.splitlines()[-1] if text else type(cause).__name__
+
+
+def lost_worker(error: Exception) -> bool:
+    """A failure that rebuilding the gang can cure: an actor or its node died, or a collective broke
+    (a peer vanished, a timeout); not an error of the job itself, which would only repeat."""
+    import ray
+
+    if isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                          ray.exceptions.ObjectLostError)):
+        return True
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, torch.distributed.DistError):
+        return True
+    text = str(cause).lower()
+    return isinstance(cause, RuntimeError) and any(word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout"))
 
 
 class Gang:
@@ -160,11 +229,7 @@ class Gang:
         if spec.workers < 1:
             raise RenderError(f"--workers {spec.workers} must be at least 1")
         connect(spec.address, spec.workers)
-        gpus = spec.gpus_per_worker
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= spec.workers else 0.0
-        cpus_per_worker = 1 if gpus else cpu_share(spec.workers)
-        bundle = {"CPU": cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+        bundle, gpus = bundle_for(spec.gpus_per_worker, spec.workers)
         self._remove = remove_placement_group
         self.group = placement_group([bundle] * spec.workers, strategy="PACK")
         try:
@@ -179,7 +244,7 @@ class Gang:
         try:
             self._start(spec, bundle, gpus)
         except ray.exceptions.RayError as error:
-            self.__exit__()
+            self.close()
             raise RenderError(f"a worker failed to start: {failure(error)}") from error
         self.device = "cuda" if gpus else "cpu"
 
@@ -205,11 +270,18 @@ class Gang:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill the workers and free their reservation (once; later calls do nothing)."""
         import ray
 
+        if self.group is None:
+            return
         for worker in self.workers:
             ray.kill(worker)
         self._remove(self.group)
+        self.group = None
 
     def free_memory(self) -> int:
         """The least free memory of any worker (its GPU's, or its node's for CPU workers), in bytes."""
@@ -223,12 +295,13 @@ class Gang:
         units = size[1] // 64  # 8-latent-row strip units at the usual VAE scale of 8
         return math.ceil(max(units, 1) / len(self.workers)) / max(units, 1)
 
-    def render(self, job: GangJob, progress: Progress | None = None) -> GangOutcome:
+    def render(self, job: StageJob, progress: Progress, on_checkpoint) -> GangOutcome:
         """Run the job; the whole final latents, the stage images and timings, and a summary for the sidecar."""
-        results = self.run(job, progress)
+        results = self.run(job, progress, on_checkpoint)
         return GangOutcome(
             latents=torch.cat([result.latents for result in results], dim=2),
-            stage_images=[np.concatenate(strips, axis=0) for strips in zip(*(result.stage_pixels for result in results))],
+            stage_images={stage: np.concatenate([result.stage_pixels[stage] for result in results], axis=0)
+                          for stage in results[0].stage_pixels},
             stage_seconds=[max(seconds) for seconds in zip(*(result.seconds for result in results))],
             summary={
                 "count": len(self.workers), "backend": self.backend, "device": self.device, "first_stage": job.first,
@@ -237,25 +310,33 @@ class Gang:
             },
         )
 
-    def run(self, job: GangJob, progress: Progress | None = None) -> list[GangResult]:
+    def run(self, job: StageJob, progress: Progress, on_checkpoint) -> list[GangResult]:
         """Run the job on every worker; their results (without the final pixels) in rank order.
 
-        With an enabled `progress`, rank 0's stages and steps are shown on it while the workers run."""
+        Rank 0's stages and steps are shown on `progress` while the workers run; checkpoint rows from every
+        rank go to `on_checkpoint`. The first failure of any rank ends the run (a `WorkerLost` where a new
+        gang could go on), without waiting for the others."""
         import ray
         from ray.util.queue import Queue
 
-        queue = Queue() if progress is not None and progress.enabled else None
-        pending = [worker.run.remote(job, queue if rank == 0 else None) for rank, worker in enumerate(self.workers)]
+        queue = Queue()
+        pending = [worker.run.remote(job, queue, rank == 0 and progress.enabled) for rank, worker in enumerate(self.workers)]
+        order = {ref: rank for rank, ref in enumerate(pending)}
+        results: dict[int, GangResult] = {}
         try:
-            while len(ray.wait(pending, num_returns=len(pending), timeout=0.5)[0]) < len(pending):
-                relay(queue, progress)
-            relay(queue, progress)
-            return ray.get(pending)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+                relay(queue, progress, on_checkpoint)
+                for ref in ready:
+                    results[order[ref]] = ray.get(ref)
+            relay(queue, progress, on_checkpoint)
+            return [results[rank] for rank in range(len(self.workers))]
         except ray.exceptions.RayError as error:  # the gang is torn down by __exit__; one rank's failure ends all
+            if lost_worker(error):
+                raise WorkerLost(f"a worker was lost in the sharded stages: {failure(error)}") from error
             raise RenderError(f"a worker failed in the sharded stages: {failure(error)}") from error
         finally:
-            if queue is not None:
-                queue.shutdown()
+            queue.shutdown()
 
     def pixel_rows(self) -> Iterator[np.ndarray]:
         """The final image, one worker's strip at a time: the coordinator never holds more than one strip."""

@@ -1,9 +1,11 @@
-"""What every worker of a gang runs (SPMD): the sharded stages of a render, start to finish.
+"""The stage loop of every render (SPMD): the upscaling stages, start to finish, on row strips.
 
-The coordinator hands each worker the same `GangJob` once: the prompt embeddings, the latents of the
-last stage it ran itself, and the plan. The workers then decode, resize and re-encode at each stage
-transition, run every denoising step, and decode the final image, all on their own row strips and
-exchanging only what `cluster.ops` needs. Nothing per step passes through the coordinator.
+A single-process render runs it as a group of one (`local`: every exchange is a no-op and the model runs
+unchanged). A gang's coordinator hands each worker the same `StageJob` once: the prompt embeddings, the
+latents of the last stage it ran itself (or of a checkpoint), and the plan. Every rank then decodes,
+resizes and re-encodes at each stage transition, runs every denoising step, and decodes the final
+image, all on its own row strip and exchanging only what `cluster.ops` needs. Nothing per step passes
+through the coordinator except checkpoints, handed to whoever writes them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,43 +24,65 @@ from cluster.sharding import sharded_backend, sharding
 from cluster.strips import RowGroup, StripLayout, plan_strips, received_bytes
 from freescale_core import FreeScaleConfig
 from freescale_core.cascade import restart_index, scale_factors
-from renderer.engine import unscaled
+from renderer.checkpoints import Cadence
 from renderer.images import mask_at
 from renderer.progress import Progress
-from renderer.stages import Conditioning, encode, upscale_stage
-from renderer.vae_bands import decode_tiled, tile_grid, to_pixels
+from renderer.stages import Conditioning, encode, unscaled, upscale_stage
+from renderer.vae_bands import decode_rows, decode_tiled, tile_grid, to_pixels
 
 STRIP_UNIT = 8  # latent rows: whole rows at the UNet's ¼ grid, even rows at its ½ grid (design §A.1)
 
 
 @dataclass
-class GangJob:
-    """Everything the workers need, sent once: no per-step traffic passes through the coordinator."""
+class StageJob:
+    """Stages `first`..`last - 1` of a render, for one process (a group of one) or every rank of a gang.
+
+    Everything the ranks need is sent once: no per-step traffic passes through the coordinator."""
 
     cond: Conditioning  # on the CPU
-    latents: torch.Tensor  # (1, 4, h, w) of stage `first - 1`, whole, on the CPU
+    latents: torch.Tensor  # (1, 4, h, w) whole, on the CPU: stage `first - 1`'s, or stage `first`'s at `resume_step`
     stages: list[tuple[int, int]]  # (width, height) of every stage, base first
-    first: int  # index of the first stage the gang runs
+    first: int  # index of the first stage to run
+    last: int  # one past the last stage to run
     steps: int
     config: FreeScaleConfig
     transition_modes: list[str]  # VAE mode of the decode before each stage 1.. (index 0: before stage 1)
     final_mode: str
     mask: torch.Tensor | None = None  # (1, 1, h, w) at the base size
     save_stages: bool = False
+    resume_step: int | None = None  # stage `first` continues from this schedule index ...
+    reference: torch.Tensor | None = None  # ... with its ẑ₀ (whole, CPU)
+    checkpoint_steps: int = 0  # inside a stage: checkpoint every this many steps (0: not by count) ...
+    checkpoint_seconds: float = math.inf  # ... or this many seconds
+
+
+@dataclass
+class StageRun:
+    """One rank's share of what running a job's stages gives."""
+
+    rows: RowGroup  # its rows of the last stage run
+    latents: torch.Tensor  # its rows of the last stage's latents (on the device)
+    stage_pixels: dict[int, np.ndarray]  # with save_stages: its rows of each stage image decoded at a transition
+    seconds: list[float]  # per stage run
+    step_bytes: list[dict[str, int]]  # bytes received per denoising step, per stage
 
 
 @dataclass
 class GangResult:
-    """One worker's rows of everything the render returns."""
+    """One worker's rows of everything the render returns (its final pixel strip stays on the worker)."""
 
     rank: int
     rows: tuple[int, int]  # its latent rows of the final stage
     latents: torch.Tensor  # its rows of the final latents (fp32, CPU)
-    pixels: np.ndarray  # its rows of the final image, uint8
-    stage_pixels: list[np.ndarray]  # with save_stages, its rows of each stage image from `first - 1` on
-    seconds: list[float]  # per sharded stage
-    step_bytes: list[dict[str, int]]  # bytes received per denoising step, per stage
+    stage_pixels: dict[int, np.ndarray]
+    seconds: list[float]
+    step_bytes: list[dict[str, int]]
     peak_bytes: int
+
+
+# Called with (stage, steps done, latent rows, latents strip, reference strip or None): hands a checkpoint's
+# rows to whoever writes it.
+CheckpointSink = Callable[[int, int, tuple[int, int], torch.Tensor, "torch.Tensor | None"], None]
 
 
 def strip_unit(config: FreeScaleConfig, size: tuple[int, int], train_px: int) -> int:
@@ -68,6 +93,8 @@ def strip_unit(config: FreeScaleConfig, size: tuple[int, int], train_px: int) ->
 
 
 def stage_layout(pipeline, size: tuple[int, int], config: FreeScaleConfig, ranks: int) -> StripLayout:
+    if ranks == 1:
+        return plan_strips(size[1] // pipeline.vae_scale_factor, 1, 1)
     train_px = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     return plan_strips(size[1] // pipeline.vae_scale_factor, ranks, strip_unit(config, size, train_px))
 
@@ -75,10 +102,14 @@ def stage_layout(pipeline, size: tuple[int, int], config: FreeScaleConfig, ranks
 def decode_strip(pipeline, rows: RowGroup, latents: torch.Tensor, mode: str) -> torch.Tensor:
     """This rank's rows of the decoded image (fp32, unclamped), equal to the single-process decode of `mode`.
 
-    `exact` runs the whole decoder on the strip. `tiled` decodes the diffusers tile rows whose finished
-    rows meet the strip, plus the tile row above for its blend, from the latent rows they cover."""
+    A group of one decodes in row bands (`renderer.vae_bands`). Otherwise `exact` runs the whole decoder on
+    the strip, and `tiled` decodes the diffusers tile rows whose finished rows meet the strip, plus the tile
+    row above for its blend, from the latent rows they cover."""
     vae = pipeline.vae
-    z = unscaled(pipeline, latents).to(vae.dtype)
+    z = unscaled(pipeline, latents)
+    if rows.world == 1:
+        return torch.cat([band.float() for band in decode_rows(vae, z, mode)], dim=2)
+    z = z.to(vae.dtype)
     if mode == "exact":
         with sharding(vae, rows):
             return vae.decode(z).sample.float()
@@ -100,7 +131,8 @@ def decode_strip(pipeline, rows: RowGroup, latents: torch.Tensor, mode: str) -> 
 
 def stage_reference(pipeline, previous: RowGroup, latents: torch.Tensor, image: torch.Tensor | None, rows: RowGroup,
                     size: tuple[int, int], config: FreeScaleConfig, stage: int) -> torch.Tensor:
-    """This rank's rows of ẑ₀ (see `renderer.engine.stage_reference`)."""
+    """This rank's rows of ẑ₀: the previous image resized in RGB and re-encoded (or, as the paper's ablation,
+    the previous latents resized bicubically)."""
     scale = pipeline.vae_scale_factor
     if config.upsample_space == "latent":
         return ops.resize(previous, latents, rows.layout, size[0] // scale)
@@ -109,51 +141,91 @@ def stage_reference(pipeline, previous: RowGroup, latents: torch.Tensor, image: 
         return encode(pipeline, image, config.seed, stage, rows=rows.layout.rows(rows.rank), latent_height=rows.layout.height)
 
 
-def run_job(pipeline, job: GangJob, group=None, progress: Progress | None = None) -> GangResult:
-    """Run the job's sharded stages on this rank (every rank of `group` calls this with the same job)."""
+def detail_scale(config: FreeScaleConfig, mask: torch.Tensor | None, rows: RowGroup, latent_width: int,
+                 device: torch.device) -> float | torch.Tensor:
+    """α of the skip residual: the cosine scale, or per latent pixel of this rank's rows with a region mask
+    (foreground: cosine_scale, background: cosine_scale_bg)."""
+    if mask is None:
+        return config.cosine_scale
+    region = mask_at(mask, (rows.layout.height, latent_width))[:, :, rows.layout.rows(rows.rank)].to(device)
+    return config.cosine_scale * region + config.cosine_scale_bg * (1 - region)
+
+
+def run_stages(pipeline, job: StageJob, group=None, local: bool = False, progress: Progress | None = None,
+               checkpoint: CheckpointSink | None = None) -> StageRun:
+    """Run the job's stages on this rank: `local` for one process holding every row (a group of one, whose
+    exchanges are no-ops), else as one rank of `group` (every rank calls this with the same job)."""
     progress = progress or Progress(False)
     device = pipeline.unet.device
     cond = job.cond.to(device)
     config = job.config
-    world = torch.distributed.get_world_size(group)
-    previous = RowGroup(plan_strips(job.latents.shape[2], world, 1), group)
-    latents = job.latents[:, :, previous.layout.rows(previous.rank)].to(device)
-    stage_pixels: list[np.ndarray] = []
-    seconds: list[float] = []
-    step_bytes: list[dict[str, int]] = []
+    world = 1 if local else torch.distributed.get_world_size(group)
+
+    def row_group(layout: StripLayout) -> RowGroup:
+        return RowGroup(layout, group, local)
+
+    resuming = job.resume_step is not None
+    layout = stage_layout(pipeline, job.stages[job.first], config, world) if resuming else plan_strips(job.latents.shape[2], world, 1)
+    rows = row_group(layout)
+    latents = job.latents[:, :, rows.layout.rows(rows.rank)].to(device)
+    run = StageRun(rows, latents, {}, [], [])
+    cadence = Cadence(job.checkpoint_steps, job.checkpoint_seconds)
     with torch.inference_mode():
-        for index in range(job.first, len(job.stages)):
+        for index in range(job.first, job.last):
             started = time.perf_counter()
             size = job.stages[index]
-            rows = RowGroup(stage_layout(pipeline, size, config, world), group)
-            image = None
-            if config.upsample_space == "rgb" or job.save_stages:
-                image = decode_strip(pipeline, previous, latents, job.transition_modes[index - 1])
-            if job.save_stages:
-                stage_pixels.append(to_pixels(image))
-            reference = stage_reference(pipeline, previous, latents, image, rows, size, config, index)
-            del image
-            alpha = config.cosine_scale
-            if job.mask is not None:
-                region = mask_at(job.mask, (rows.layout.height, size[0] // pipeline.vae_scale_factor))
-                region = region[:, :, rows.layout.rows(rows.rank)].to(device)
-                alpha = config.cosine_scale * region + config.cosine_scale_bg * (1 - region)
-            steps = job.steps - restart_index(job.steps, config.restart_fraction)
-            progress.stage(f"stage {index} {size[0]}x{size[1]} on {world} workers", steps)
+            if resuming and index == job.first:
+                reference = job.reference[:, :, rows.layout.rows(rows.rank)].to(device)
+                resume = (job.resume_step, latents)
+            else:
+                target = row_group(stage_layout(pipeline, size, config, world))
+                image = None
+                if config.upsample_space == "rgb" or job.save_stages:
+                    image = decode_strip(pipeline, rows, latents, job.transition_modes[index - 1])
+                if job.save_stages:
+                    run.stage_pixels[index - 1] = to_pixels(image)
+                reference = stage_reference(pipeline, rows, latents, image, target, size, config, index)
+                del image
+                rows, resume = target, None
+            alpha = detail_scale(config, job.mask, rows, size[0] // pipeline.vae_scale_factor, device)
+            begin = resume[0] if resume else restart_index(job.steps, config.restart_fraction)
+            progress.stage(f"stage {index} {size[0]}x{size[1]}" + (f" on {world} workers" if world > 1 else ""), job.steps - begin)
+            cadence.start(begin)
+
+            def after_step(done: int, current: torch.Tensor, index=index, reference=reference, rows=rows) -> None:
+                if checkpoint is None or done == job.steps:
+                    return
+                due = torch.tensor([float(cadence.due(done) if rows.rank == 0 else 0.0)])
+                if rows.sum(due).item() > 0:  # rank 0 decides, so every rank checkpoints the same steps
+                    checkpoint(index, done, rows.span, current.float().cpu(), reference.float().cpu())
+                    cadence.taken(done)
+
             before = dict(received_bytes)
             with sharding(pipeline.unet, rows):
                 latents = upscale_stage(
                     pipeline, cond, reference, (size[1], size[0]), index, job.steps, config, alpha, progress,
-                    backend=sharded_backend(rows), rows=rows.layout.rows(rows.rank),
+                    backend=sharded_backend(rows), rows=rows.layout.rows(rows.rank), resume=resume, after_step=after_step,
                 )
-            step_bytes.append({kind: (total - before.get(kind, 0)) // steps for kind, total in received_bytes.items()})
-            previous = rows
-            seconds.append(time.perf_counter() - started)
-        pixels = to_pixels(decode_strip(pipeline, previous, latents, job.final_mode))
+            run.step_bytes.append({kind: (total - before.get(kind, 0)) // (job.steps - begin) for kind, total in received_bytes.items()})
+            if checkpoint is not None:
+                checkpoint(index, job.steps, rows.span, latents.float().cpu(), None)
+            run.seconds.append(time.perf_counter() - started)
+    run.rows, run.latents = rows, latents
+    return run
+
+
+def run_job(pipeline, job: StageJob, group=None, progress: Progress | None = None,
+            checkpoint: CheckpointSink | None = None) -> tuple[GangResult, np.ndarray]:
+    """A gang rank's whole part: the job's stages, then its strip of the final image (kept apart, as it is
+    handed over separately)."""
+    run = run_stages(pipeline, job, group, progress=progress, checkpoint=checkpoint)
+    with torch.inference_mode():
+        pixels = to_pixels(decode_strip(pipeline, run.rows, run.latents, job.final_mode))
+    device = pipeline.unet.device
     return GangResult(
-        rank=previous.rank, rows=previous.span, latents=latents.float().cpu(), pixels=pixels, stage_pixels=stage_pixels,
-        seconds=seconds, step_bytes=step_bytes, peak_bytes=peak_memory(device),
-    )
+        rank=run.rows.rank, rows=run.rows.span, latents=run.latents.float().cpu(), stage_pixels=run.stage_pixels,
+        seconds=run.seconds, step_bytes=run.step_bytes, peak_bytes=peak_memory(device),
+    ), pixels
 
 
 def peak_memory(device: torch.device) -> int:

@@ -23,7 +23,7 @@ from cluster import ops
 from cluster.strips import RowGroup
 from freescale_core.attention import ScaleFusionProcessor, StageGeometry, local_attention, project, strided_global_attention
 from freescale_core.blur import kernel_size
-from freescale_core.mode import Backend
+from freescale_core.mode import LOCAL, Backend
 from freescale_core.windows import WindowPlan
 
 
@@ -103,6 +103,9 @@ class ShardedSelfAttention:
 
 
 def sharded_backend(rows: RowGroup) -> Backend:
+    """The exchanging FreeScale operations; a group of one computes on whole tensors (`LOCAL`)."""
+    if rows.world == 1:
+        return LOCAL
     return Backend(
         fusion_processor=lambda geometry, index: ShardedScaleFusion(geometry, index, rows),
         skip_filter=partial(ops.fourier_filter, rows),
@@ -116,7 +119,12 @@ def padded_downsample(rows: RowGroup, module: Downsample2D, x: torch.Tensor) -> 
 
 @contextmanager
 def sharding(model: nn.Module, rows: RowGroup) -> Iterator[None]:
-    """Make `model` (a UNet, a VAE or any part) compute on this rank's strip; restored exactly on exit."""
+    """Make `model` (a UNet, a VAE or any part) compute on this rank's strip; restored exactly on exit.
+
+    A group of one holds the whole tensor: the model runs unchanged."""
+    if rows.world == 1:
+        yield
+        return
     patched: list[nn.Module] = []
     processors: dict[Attention, object] = {}
     try:

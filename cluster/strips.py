@@ -82,17 +82,23 @@ class RowGroup:
     Tensors keep rows on one dimension (2 for (B, C, H, W), 1 for (B, H, W, C) token grids). With gloo and
     CUDA tensors, messages are staged through host memory (gloo's point-to-point is CPU-only)."""
 
-    def __init__(self, layout: StripLayout, group: dist.ProcessGroup | None = None):
+    def __init__(self, layout: StripLayout, group: dist.ProcessGroup | None = None, local: bool = False):
         self.layout = layout
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
+        self.local = local
+        self.rank = 0 if local else dist.get_rank(group)
+        self.world = 1 if local else dist.get_world_size(group)
         if layout.ranks != self.world:
             raise ValueError(f"layout has {layout.ranks} strips for {self.world} ranks")
-        self.host_staging = dist.get_backend(group) == "gloo"
+        self.host_staging = not local and dist.get_backend(group) == "gloo"
+
+    @classmethod
+    def single(cls, height: int) -> "RowGroup":
+        """One process holding all `height` rows, without a process group: every exchange is a no-op."""
+        return cls(StripLayout((0, height)), local=True)
 
     def with_layout(self, layout: StripLayout) -> "RowGroup":
-        return RowGroup(layout, self.group)
+        return RowGroup(layout, self.group, self.local)
 
     @property
     def span(self) -> Span:
@@ -105,7 +111,6 @@ class RowGroup:
 
     def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.cpu() if self.host_staging else tensor
-
 
     def fetch(self, x: torch.Tensor, dim: int, requests: Sequence[Span], purpose: str) -> torch.Tensor:
         """Rows requests[rank] of the global tensor whose strip `x` is; rows outside the image are zeros.
@@ -146,6 +151,8 @@ class RowGroup:
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over all ranks (a new tensor; `x` is left alone)."""
+        if self.world == 1:
+            return x.clone()
         total = self._wire(x.clone())
         dist.all_reduce(total, group=self.group)
         received_bytes["sum"] += total.numel() * total.element_size()

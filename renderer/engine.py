@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from contextlib import ExitStack
@@ -13,16 +14,22 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from freescale_core.cascade import restart_index
+from cluster.gang import StageJob, decode_strip, run_stages, stage_layout
+from cluster.strips import RowGroup
+from renderer.checkpoints import Assembler, Checkpoint, CheckpointStore
 from renderer.errors import RenderError
-from renderer.images import load_image, load_mask, mask_at
-from renderer.models import load_pipeline, model_geometry, peek_geometry
+from renderer.identity import render_id
+from renderer.images import load_image, load_mask
+from renderer.models import load_pipeline, model_geometry
 from renderer.outputs import sidecar_path, stage_path, write_json, write_png
+from renderer.preflight import available_memory, preflight
 from renderer.progress import Progress
 from renderer.request import RenderRequest, Size, format_size
-from renderer.stages import encode, encode_prompts, generate_base, upsample, upscale_stage
+from renderer.stages import encode, encode_prompts, generate_base, unscaled
 from renderer.tiff import TiffOptions, write_pyramid, write_preview
 from renderer.vae_bands import decode_rows, to_pixels
+
+log = logging.getLogger("freescale_poster")
 
 LIBRARIES = ("freescale-poster", "torch", "diffusers", "transformers", "numpy", "pillow", "tifffile")
 
@@ -61,16 +68,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo", encoding="ascii") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 2**34
-
-
 def choose_vae_mode(request: RenderRequest, pipeline, size: Size, share: float = 1.0, available: int | None = None) -> str:
     """`exact` when one full-resolution decoder activation, three times over, fits in 80 % of free memory.
 
@@ -82,98 +79,92 @@ def choose_vae_mode(request: RenderRequest, pipeline, size: Size, share: float =
     return "exact" if 3 * activation < 0.8 * (available or available_memory(vae.device)) else "tiled"
 
 
-def unscaled(pipeline, latents: torch.Tensor) -> torch.Tensor:
-    vae = pipeline.vae
-    return latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-
-
-def decoded(pipeline, latents: torch.Tensor, mode: str) -> torch.Tensor:
-    """A stage transition's whole decoded image (fp32, unclamped: the reference re-encodes it as is)."""
-    return torch.cat([rows.float() for rows in decode_rows(pipeline.vae, unscaled(pipeline, latents), mode)], dim=2)
-
-
-def stage_reference(pipeline, latents: torch.Tensor, image: torch.Tensor | None, size_hw: tuple[int, int], config, stage: int) -> torch.Tensor:
-    """ẑ₀ of an upscaling stage: the previous image resized in RGB and re-encoded (or, as the paper's
-    ablation, the previous latents resized bicubically)."""
-    if config.upsample_space == "latent":
-        latent_hw = (size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
-        return upsample(latents, latent_hw)
-    return encode(pipeline, upsample(image, size_hw), config.seed, stage=stage)
-
-
 def pixel_rows(pipeline, latents: torch.Tensor, mode: str) -> Iterator[np.ndarray]:
     """Final decode, streamed as (rows, W, 3) uint8 bands."""
     for rows in decode_rows(pipeline.vae, unscaled(pipeline, latents), mode):
         yield to_pixels(rows)
 
 
-def render(request: RenderRequest, pipeline=None, progress: bool = True, write: bool = True, keep_image: bool = True) -> RenderResult:
-    """Render `request`; `pipeline` reuses an already loaded model (its device and dtype win)."""
+def render(request: RenderRequest, pipeline=None, progress: bool | Progress = True, write: bool = True,
+           keep_image: bool = True) -> RenderResult:
+    """Render `request`; `pipeline` reuses an already loaded model (its device and dtype win).
+
+    With `write`, checkpoints are kept while rendering and the same request resumes from the newest valid
+    one (see `renderer.checkpoints`); they are removed once the output is complete."""
     check_device(request.device)
     if pipeline is None:
-        geometry = peek_geometry(request.model)
-        if geometry is not None:
-            request.plan(geometry)  # refuse bad sizes before loading weights
+        preflight(request)  # refuse what cannot work before loading weights
         pipeline = load_pipeline(request.model, request.device, resolve_dtype(request), request.model_config)
     stages = request.plan(model_geometry(pipeline))
     base = stages[0]
     initial = load_image(request.image, base) if request.image else None
     mask = load_mask(request.mask, base) if request.mask else None
     config = replace(request.freescale, seed=request.seed)
-    bar = Progress(progress)
+    bar = progress if isinstance(progress, Progress) else Progress(progress)
     started = time.perf_counter()
-    stage_times: list[float] = []
-    stage_images: list[np.ndarray] = []
     first_sharded = first_sharded_stage(request, stages)
     if first_sharded < len(stages):
         check_shardable(pipeline, stages[first_sharded:], config, request.workers)
     device = pipeline.unet.device
+    identity = render_id(request, stages, dtype_name(pipeline.unet.dtype), device.type)
+    store = CheckpointStore(request.checkpoint_folder(), identity, request.steps) if write else None
+    if store is not None and not request.resume:
+        store.clear()
+    resumed = store.newest() if store is not None else None
+    stage_times: dict[int, float] = {}
+    stage_images: dict[int, np.ndarray] = {}
+    history: dict = {"render_id": identity, "resumed_from": None, "restarts": []}
     with ExitStack() as stack, torch.inference_mode():
         gang = stack.enter_context(start_gang(request)) if first_sharded < len(stages) else None
         modes = decode_modes(request, pipeline, stages, first_sharded, gang)
         transition_modes, vae_mode = modes[:-1], modes[-1]
         cond = encode_prompts(pipeline, request.prompt, request.negative_prompt, (base[1], base[0]), request.guidance)
-        stage_start = time.perf_counter()
-        if initial is None:
-            bar.stage(f"stage 0 {format_size(base)}", request.steps)
-            latents = generate_base(pipeline, cond, (base[1], base[0]), request.steps, config, bar)
-        else:
-            latents = encode(pipeline, initial.to(device), config.seed, stage=0)
-        stage_times.append(time.perf_counter() - stage_start)
-        for index, size in enumerate(stages[1:first_sharded], start=1):
+        job = StageJob(
+            cond=cond.to("cpu"), latents=torch.empty(0), stages=stages, first=1, last=len(stages), steps=request.steps,
+            config=config, transition_modes=transition_modes, final_mode=vae_mode, mask=mask, save_stages=request.save_stages,
+            checkpoint_steps=request.checkpoint_every_steps, checkpoint_seconds=request.checkpoint_every_minutes * 60,
+        )
+        write_checkpoint = None if store is None else lambda stage, step, span, latents, reference: store.write(Checkpoint(stage, step, latents, reference))
+        if resumed is None:
             stage_start = time.perf_counter()
-            size_hw = (size[1], size[0])
-            transition_mode = transition_modes[index - 1]
-            image = decoded(pipeline, latents, transition_mode) if request.save_stages or config.upsample_space == "rgb" else None
-            if request.save_stages:
-                stage_images.append(to_pixels(image))
-            reference = stage_reference(pipeline, latents, image, size_hw, config, index)
-            del image
-            alpha = config.cosine_scale
-            if mask is not None:
-                region = mask_at(mask, tuple(reference.shape[-2:])).to(device)
-                alpha = config.cosine_scale * region + config.cosine_scale_bg * (1 - region)
-            bar.stage(f"stage {index} {format_size(size)}", request.steps - restart_index(request.steps, config.restart_fraction))
-            latents = upscale_stage(pipeline, cond, reference, size_hw, index, request.steps, config, alpha, bar)
-            stage_times.append(time.perf_counter() - stage_start)
+            if initial is None:
+                bar.stage(f"stage 0 {format_size(base)}", request.steps)
+                latents = generate_base(pipeline, cond, (base[1], base[0]), request.steps, config, bar)
+            else:
+                latents = encode(pipeline, initial.to(device), config.seed, stage=0)
+            if write_checkpoint is not None:
+                write_checkpoint(0, request.steps, (0, latents.shape[2]), latents.float().cpu(), None)
+            stage_times[0] = time.perf_counter() - stage_start
+            job = replace(job, latents=latents.float().cpu())
+        else:
+            job = resume_job(job, resumed)
+            history["resumed_from"] = {"stage": resumed.stage, "step": resumed.step}
+            log.info("resuming render %s from its checkpoint after step %d of stage %d (%s)", identity, resumed.step,
+                     resumed.stage, format_size(stages[resumed.stage]))
+        latents = job.latents
+        if job.first < first_sharded:
+            run = run_stages(pipeline, replace(job, last=first_sharded), local=True, progress=bar, checkpoint=write_checkpoint)
+            latents = run.latents.float().cpu()
+            stage_times.update(zip(range(job.first, first_sharded), run.seconds))
+            stage_images.update(run.stage_pixels)
+            job = replace(job, first=first_sharded, latents=latents, resume_step=None, reference=None)
         workers = {}
         if gang is not None:
-            from cluster.gang import GangJob
-
-            job = GangJob(cond=cond.to("cpu"), latents=latents.float().cpu(), stages=stages, first=first_sharded, steps=request.steps,
-                          config=config, transition_modes=transition_modes, final_mode=vae_mode, mask=mask, save_stages=request.save_stages)
-            outcome = gang.render(job, bar)
+            gang, outcome = render_sharded(request, pipeline, job, gang, stack, store, bar, history["restarts"])
             latents, workers = outcome.latents, outcome.summary
-            stage_images += outcome.stage_images
-            stage_times += outcome.stage_seconds
+            stage_images.update(outcome.stage_images)
+            stage_times.update(zip(range(len(stages) - len(outcome.stage_seconds), len(stages)), outcome.stage_seconds))
         bar.close()
+        if request.save_stages:
+            stage_images.update(missing_stage_images(pipeline, store, stage_images, len(stages), transition_modes))
         result = RenderResult(
-            image=None, latents=latents.float().cpu(), stages=stages, stage_images=stage_images,
+            image=None, latents=latents.float().cpu(), stages=stages, stage_images=[stage_images[k] for k in sorted(stage_images)],
             metadata={
                 "request": request.to_dict(), "stages": [format_size(s) for s in stages], "freescale": config.to_dict(),
-                "device": str(device), "dtype": str(pipeline.unet.dtype).removeprefix("torch."),
-                "vae_dtype": str(pipeline.vae.dtype).removeprefix("torch."), "vae_mode": vae_mode,
-                "transition_vae_modes": transition_modes, "seconds": {"stages": stage_times}, "versions": library_versions(),
+                "device": str(device), "dtype": dtype_name(pipeline.unet.dtype),
+                "vae_dtype": dtype_name(pipeline.vae.dtype), "vae_mode": vae_mode,
+                "transition_vae_modes": transition_modes, "versions": library_versions(), **history,
+                "seconds": {"stages": [stage_times.get(index) for index in range(len(stages))]},
                 **({"workers": workers} if workers else {}),
             },
         )
@@ -187,9 +178,91 @@ def render(request: RenderRequest, pipeline=None, progress: bool = True, write: 
             for _ in rows:
                 pass
             result.metadata["seconds"]["total"] = time.perf_counter() - started
+    if store is not None and not request.keep_checkpoints:
+        store.clear()
     if kept:
         result.image = np.concatenate(kept, axis=0)
     return result
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def missing_stage_images(pipeline, store: CheckpointStore | None, images: dict[int, np.ndarray], count: int,
+                         modes: list[str]) -> dict[int, np.ndarray]:
+    """Images of the stages a resumed render did not run, decoded from their stage-end checkpoints."""
+    missing = {}
+    for stage in range(count - 1):
+        if stage not in images and store is not None and (checkpoint := store.stage_end(stage)) is not None:
+            missing[stage] = to_pixels(decode_strip(pipeline, RowGroup.single(checkpoint.latents.shape[2]),
+                                                    checkpoint.latents.to(pipeline.vae.device), modes[stage]))
+    return missing
+
+
+def render_sharded(request: RenderRequest, pipeline, job: StageJob, gang, stack: ExitStack, store: CheckpointStore | None,
+                   progress: Progress, restarts: list[dict]):
+    """Run the job's stages on the gang; when a worker is lost, rebuild the gang (as many workers as the
+    cluster still hosts, up to the same count) and go on from the newest checkpoint, at most
+    --max-restarts times. Returns the gang that holds the final pixels, and its outcome."""
+    from cluster.coordinator import WorkerLost
+
+    assembler = Assembler()
+
+    def on_checkpoint(stage: int, step: int, span, latents, reference) -> None:
+        height = job.stages[stage][1] // pipeline.vae_scale_factor
+        whole = assembler.add(stage, step, span, latents, reference, height)
+        if whole is not None and store is not None:
+            store.write(whole)
+
+    while True:
+        try:
+            return gang, gang.render(job, progress, on_checkpoint)
+        except WorkerLost as error:
+            gang.close()
+            if len(restarts) >= request.max_restarts:
+                raise RenderError(f"{error}; gave up after {len(restarts)} restarts (--max-restarts {request.max_restarts})") from error
+            checkpoint = store.newest() if store is not None else None
+            if checkpoint is not None and position(checkpoint.stage, checkpoint.step, job.steps) >= start_position(job):
+                job = resume_job(job, checkpoint)
+            workers = workers_for_restart(request, pipeline, job, len(gang.workers))
+            restarts.append({"error": str(error), "workers_before": len(gang.workers), "workers_after": workers,
+                             "resumed_from": {"stage": job.first, "step": job.resume_step}})
+            log.warning("%s; restarting with %d workers from stage %d%s (restart %d of at most %d)", error, workers, job.first,
+                        f" step {job.resume_step}" if job.resume_step is not None else "", len(restarts), request.max_restarts)
+            assembler = Assembler()
+            gang = stack.enter_context(start_gang(replace(request, workers=workers)))
+
+
+def position(stage: int, step: int, steps: int) -> tuple[int, int]:
+    """Where a checkpoint leaves a render, as (next stage, its next step index; 0: from its transition)."""
+    return (stage + 1, 0) if step >= steps else (stage, step)
+
+
+def start_position(job: StageJob) -> tuple[int, int]:
+    return (job.first, job.resume_step or 0)
+
+
+def resume_job(job: StageJob, checkpoint: Checkpoint) -> StageJob:
+    """The job that goes on from `checkpoint`: the next stage after a stage end, else the rest of its stage."""
+    if checkpoint.step >= job.steps:
+        return replace(job, first=checkpoint.stage + 1, latents=checkpoint.latents, resume_step=None, reference=None)
+    return replace(job, first=checkpoint.stage, latents=checkpoint.latents, resume_step=checkpoint.step, reference=checkpoint.reference)
+
+
+def workers_for_restart(request: RenderRequest, pipeline, job: StageJob, before: int) -> int:
+    """As many workers as before if the cluster still has room for them, else as many as fit (any count gives
+    the same image up to rounding), but never more than every remaining stage can be split into."""
+    from cluster.coordinator import workers_that_fit
+
+    count = max(1, min(before, workers_that_fit(request.gpus_per_worker, before)))
+    while count > 1:
+        try:
+            check_shardable(pipeline, job.stages[job.first :], job.config, count)
+            break
+        except RenderError:
+            count -= 1
+    return count
 
 
 def decode_modes(request: RenderRequest, pipeline, stages: list[Size], first_sharded: int, gang) -> list[str]:
@@ -226,8 +299,6 @@ def first_sharded_stage(request: RenderRequest, stages: list[Size]) -> int:
 
 def check_shardable(pipeline, stages: list[Size], config, workers: int) -> None:
     """Every sharded stage must split into `workers` strips of whole units (before anything is started)."""
-    from cluster.gang import stage_layout
-
     for size in stages:
         try:
             stage_layout(pipeline, size, config, workers)
@@ -241,7 +312,7 @@ def start_gang(request: RenderRequest):
 
     return Gang(GangSpec(
         workers=request.workers, model=request.model, model_config=request.model_config, dtype=request.dtype,
-        address=request.address, gpus_per_worker=request.gpus_per_worker,
+        address=request.address, gpus_per_worker=request.gpus_per_worker, collective_timeout_s=request.collective_timeout_s,
     ))
 
 

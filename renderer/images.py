@@ -7,15 +7,25 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from renderer.errors import RenderError
 from renderer.request import Size, format_size
 
 
+def open_image(path: Path, label: str) -> Image.Image:
+    """The image in `path`, or a one-line error when it is not one PIL can read."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise RenderError(f"{label} {path} is not a readable image ({type(error).__name__}); give a PNG, JPEG or TIFF") from None
+    return image
+
+
 def load_image(path: Path, size: Size) -> torch.Tensor:
     """An RGB image of exactly `size`, as a (1, 3, H, W) tensor in [−1, 1]."""
-    with Image.open(path) as image:
+    with open_image(path, "--image") as image:
         if image.size != tuple(size):
             raise RenderError(f"--image {path} is {format_size(image.size)}; it must be the base stage size {format_size(size)}")
         if image.mode not in ("RGB", "RGBA", "L"):
@@ -26,7 +36,7 @@ def load_image(path: Path, size: Size) -> torch.Tensor:
 
 def load_mask(path: Path, base: Size) -> torch.Tensor:
     """A binary (1, 1, H, W) mask: any non-zero gray value is foreground (as the reference)."""
-    with Image.open(path) as image:
+    with open_image(path, "--mask") as image:
         if image.size[0] * base[1] != image.size[1] * base[0]:
             raise RenderError(f"--mask {path} is {format_size(image.size)}; it needs the aspect ratio of {format_size(base)}")
         if image.mode not in ("1", "L", "LA", "RGB", "RGBA", "P", "I", "I;16"):

@@ -136,6 +136,13 @@ class RenderRequest:
     address: str | None = None  # Ray cluster to join with --workers (default: start or join a local one)
     gpus_per_worker: float | None = None  # default: 1 if the cluster has a GPU per worker, else CPU workers
     shard_from: Size | None = None  # with workers: shard stages with at least this many pixels (default: all upscaling stages)
+    checkpoint_dir: Path | None = None  # default: beside the output, `<out>.checkpoints/`
+    resume: bool = True  # continue from the newest valid checkpoint of the same request
+    keep_checkpoints: bool = False  # keep them after the output is complete
+    checkpoint_every_steps: int = 0  # inside a stage, also checkpoint every this many steps (0: by time only)
+    checkpoint_every_minutes: float = 10.0  # inside a stage, checkpoint at least this often
+    max_restarts: int = 3  # gang rebuilds after lost workers before giving up
+    collective_timeout_s: float = 1800.0  # a collective that waits longer fails (and the gang is rebuilt)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -159,12 +166,22 @@ class RenderRequest:
             if path is not None and not Path(path).is_file():
                 raise RenderError(f"{label} {path} does not exist or is not a file")
         check_output_path(Path(self.out))
+        if self.checkpoint_dir is not None:
+            check_checkpoint_dir(Path(self.checkpoint_dir))
         if self.workers < 0:
             raise RenderError(f"--workers {self.workers} must be 0 (one process) or more")
         if self.address and not self.workers:
             raise RenderError(f"--address {self.address} joins a Ray cluster for sharded stages; give --workers N too")
         if self.shard_from and not self.workers:
             raise RenderError(f"--shard-from {format_size(self.shard_from)} chooses which stages run on workers; give --workers N too")
+        if self.checkpoint_every_steps < 0:
+            raise RenderError(f"--checkpoint-every-steps {self.checkpoint_every_steps} must be 0 (by time only) or more")
+        if not self.checkpoint_every_minutes > 0:
+            raise RenderError(f"--checkpoint-every-minutes {self.checkpoint_every_minutes} must be a positive number of minutes")
+        if self.max_restarts < 0:
+            raise RenderError(f"--max-restarts {self.max_restarts} must be 0 (fail at the first lost worker) or more")
+        if not self.collective_timeout_s > 0 or not math.isfinite(self.collective_timeout_s):
+            raise RenderError(f"--collective-timeout {self.collective_timeout_s} must be a positive number of seconds, e.g. 1800")
         if self.gpus_per_worker is not None and not 0 <= self.gpus_per_worker <= 1:
             raise RenderError(f"--gpus-per-worker {self.gpus_per_worker}: use 1, a fraction to share GPUs, or 0 for CPU workers")
 
@@ -179,12 +196,16 @@ class RenderRequest:
                 check_fast_mode(size, geometry)
         return stages
 
+    def checkpoint_folder(self) -> Path:
+        out = Path(self.out)
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else out.with_name(out.name + ".checkpoints")
+
     def with_(self, **changes) -> "RenderRequest":
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        for key in ("image", "mask", "out"):
+        for key in ("image", "mask", "out", "checkpoint_dir"):
             data[key] = None if data[key] is None else str(data[key])
         return data
 
@@ -208,3 +229,14 @@ def check_output_path(out: Path) -> None:
         raise RenderError(f"--out {out}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise RenderError(f"--out {out}: folder {folder} is not writable")
+    if out.is_dir():
+        raise RenderError(f"--out {out} is a directory; name a file in it, e.g. {out / 'poster.tif'}")
+
+
+def check_checkpoint_dir(folder: Path) -> None:
+    """An existing writable folder, or one that can be made in an existing writable folder."""
+    existing = folder if folder.exists() else folder.parent
+    if not existing.is_dir():
+        raise RenderError(f"--checkpoint-dir {folder}: {existing} is not a folder; give a folder (it is created if its parent exists)")
+    if not os.access(existing, os.W_OK):
+        raise RenderError(f"--checkpoint-dir {folder}: {existing} is not writable")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -80,19 +81,25 @@ def noised(scheduler, clean: torch.Tensor, noise: torch.Tensor, index: int) -> t
 def upscale_stage(
     pipeline, cond: Conditioning, reference: torch.Tensor, size_hw: tuple[int, int], stage: int, steps: int,
     config: FreeScaleConfig, alpha: float | torch.Tensor, progress: Progress, backend: Backend = LOCAL,
-    rows: slice = slice(None),
+    rows: slice = slice(None), resume: tuple[int, torch.Tensor] | None = None,
+    after_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Denoise from the restart step toward `reference` (the encoded, upsampled previous stage).
 
     A row-sharded worker passes the latent `rows` it holds (reference and alpha are already those rows)
     and a sharded `backend`; the noise is drawn whole and sliced, so it never depends on the sharding.
+    `resume` = (step index, latents after the step before it) continues a checkpointed stage (the Euler
+    update depends on the step index alone); `after_step(steps done, latents)` follows every step.
     """
     scheduler = fresh_scheduler(pipeline, steps)
     latent_shape = (1, reference.shape[1], size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
     noise = normal(latent_shape, config.seed, "restart-noise", stage)[:, :, rows].to(reference.device)
     start = restart_index(steps, config.restart_fraction)
+    if resume is None:
+        latents = noised(scheduler, reference, noise, start)
+    else:
+        start, latents = resume[0], resume[1].to(reference.device)
     scheduler.set_begin_index(start)
-    latents = noised(scheduler, reference, noise, start)
     train_timesteps = scheduler.config.num_train_timesteps
     for index in range(start, steps):
         timestep = scheduler.timesteps[index]
@@ -103,8 +110,16 @@ def upscale_stage(
         with freescale_mode(pipeline.unet, config, size=size_hw, step_index=index, vae_scale=pipeline.vae_scale_factor, backend=backend):
             prediction = predict_noise(pipeline, scheduler, latents, timestep, cond)
         latents = scheduler.step(prediction, timestep, latents).prev_sample
+        if after_step is not None:
+            after_step(index + 1, latents)
         progress.advance()
     return latents
+
+
+def unscaled(pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as the VAE decoder takes them."""
+    vae = pipeline.vae
+    return latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
 
 
 def encode(pipeline, image: torch.Tensor, seed: int, stage: int, rows: slice = slice(None), latent_height: int | None = None) -> torch.Tensor:

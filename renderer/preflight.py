@@ -1,0 +1,292 @@
+"""Preflight: everything about a request that can be known before any weight is loaded.
+
+The plan, the scheduler's limits, the input images, free disk for the output and checkpoints, and an
+estimate of each device's peak memory, from the model's configs alone (models built on the meta device:
+no weights). A plan that cannot work is refused with one line that says what would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from freescale_core.cascade import restart_index
+from renderer.errors import RenderError
+from renderer.request import RenderRequest, Size, format_size
+
+GiB = 2**30
+# Working set of one attention block beyond its input, in activations of the block's size (tokens × width):
+# FreeScale's global and windowed q, k, v and outputs, the blur, and the GEGLU feed-forward (8× then 4× wide).
+ATTENTION_WORKSET = 14
+# The banded exact decode holds one whole layer's bands and the next layer's, plus one band's temporaries.
+DECODE_WORKSET = 2.5
+# A VAE encode of the whole upsampled image: the first block's input, output and one temporary at full size.
+ENCODE_WORKSET = 3
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on `device`: its GPU's free memory, or the machine's available memory for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 2**34
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate needs of a model: its configs and its parameter counts."""
+
+    unet: dict
+    vae: dict
+    unet_params: int
+    vae_params: int
+    text_params: int
+    train_timesteps: int
+
+
+def model_shape(model: str) -> ModelShape | None:
+    """The shape of a built-in model or a diffusers folder, built on the meta device; None for a single file
+    or a hub id (those are checked once loaded)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from renderer.models.builtin import SDXL, TINY, TOY, build_text_encoders, build_unet, build_vae
+
+    specs = {"tiny": TINY, "toy": TOY, "sdxl-random": SDXL}
+    folder = Path(model)
+    with torch.device("meta"):
+        if model in specs:
+            unet, vae = build_unet(specs[model]), build_vae(specs[model])
+            encoders = build_text_encoders(specs[model])
+            timesteps = 1000
+        elif (folder / "model_index.json").is_file():
+            try:
+                unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+                vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+                timesteps = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("num_train_timesteps", 1000)
+            except (OSError, ValueError) as error:
+                raise RenderError(f"--model {model}: its configs cannot be read ({error})") from None
+            encoders = ()
+        else:
+            return None
+    count = lambda module: sum(parameter.numel() for parameter in module.parameters())  # noqa: E731
+    text = sum(count(encoder) for encoder in encoders) or text_params_from_files(folder)
+    return ModelShape(dict(unet.config), dict(vae.config), count(unet), count(vae), text, timesteps)
+
+
+def text_params_from_files(folder: Path) -> int:
+    """Text encoders' parameters of a diffusers folder, from their weight files' sizes (2 bytes each in fp16)."""
+    total = 0
+    for name in ("text_encoder", "text_encoder_2"):
+        for weights in (folder / name).glob("*.safetensors"):
+            total += weights.stat().st_size // (2 if ".fp16." in weights.name else 4)
+    return total
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak bytes of one device, by what holds them."""
+
+    baseline: int  # the process before the model (interpreter, libraries); 0 on a GPU
+    weights: int
+    unet: int  # one CFG UNet call's activations at the largest stage
+    vae: int  # the largest VAE decode or encode
+    device: str
+
+    @property
+    def peak(self) -> int:
+        return self.baseline + self.weights + max(self.unet, self.vae)
+
+
+@dataclass
+class Plan:
+    stages: list[Size]
+    unet_calls: int
+    output_bytes: int  # uncompressed pixels of the pyramid: an upper bound for deflate
+    checkpoint_bytes: int
+    coordinator: MemoryEstimate | None
+    worker: MemoryEstimate | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"stages: {' -> '.join(format_size(size) for size in self.stages)}",
+            f"UNet calls: {self.unet_calls} (CFG batch of 2 each)",
+            f"output: {self.stages[-1][0]}x{self.stages[-1][1]}, at most {self.output_bytes / GiB:.2f} GiB uncompressed with its pyramid",
+            f"checkpoints: at most {self.checkpoint_bytes / 2**20:.0f} MiB",
+        ]
+        for label, estimate in (("coordinator", self.coordinator), ("each worker", self.worker)):
+            if estimate is not None:
+                lines.append(
+                    f"peak memory, {label} ({estimate.device}): {estimate.peak / GiB:.2f} GiB "
+                    f"(process {estimate.baseline / GiB:.2f}, weights {estimate.weights / GiB:.2f}, "
+                    f"UNet step {estimate.unet / GiB:.2f}, VAE {estimate.vae / GiB:.2f})"
+                )
+        return lines + self.notes
+
+
+def dtype_bytes(request: RenderRequest, device: str) -> int:
+    name = request.dtype or ("float16" if device.startswith("cuda") else "float32")
+    return torch.finfo(getattr(torch, name)).bits // 8
+
+
+def unet_activation_bytes(unet: dict, latent_hw: tuple[float, float], itemsize: int) -> int:
+    """One CFG UNet call at latent_hw: every skip activation of the down path (held for the up path) plus the
+    largest attention block's working set."""
+    pixels = latent_hw[0] * latent_hw[1]
+    channels = unet["block_out_channels"]
+    skip = channels[0] * pixels  # conv_in
+    workset = 0.0
+    for level, (width, kind) in enumerate(zip(channels, unet["down_block_types"])):
+        at_level = pixels / 4**level
+        skip += unet["layers_per_block"] * width * at_level + (width * at_level / 4 if level + 1 < len(channels) else 0)
+        if "CrossAttn" in kind:
+            workset = max(workset, ATTENTION_WORKSET * width * at_level)
+    return int(2 * itemsize * (skip + workset))
+
+
+def vae_bytes(vae: dict, size: Size, previous: Size | None, mode: str, itemsize: int, share: float = 1.0) -> int:
+    """The larger of the stage's encode (its whole upsampled image; a worker its strip) and its decode."""
+    pixels = size[0] * size[1] * share
+    encode = ENCODE_WORKSET * pixels * vae["block_out_channels"][0] * itemsize if previous is not None else 0
+    if mode == "tiled":
+        tile = vae.get("sample_size", 512)
+        tile = tile[0] if isinstance(tile, (list, tuple)) else tile
+        decode = ENCODE_WORKSET * tile * tile * vae["block_out_channels"][0] * itemsize + 12 * pixels
+    else:
+        decode = DECODE_WORKSET * pixels * vae["block_out_channels"][0] * itemsize
+    images = 4 * 3 * pixels * 2  # the decoded image and its upsampled version, fp32
+    return int(max(encode, decode) + images)
+
+
+def estimate(request: RenderRequest, shape: ModelShape, stages: list[Size], device: str, share: float = 1.0,
+             baseline: int = 0) -> MemoryEstimate:
+    itemsize = dtype_bytes(request, device)
+    vae_itemsize = 4 if shape.vae.get("force_upcast") else itemsize
+    weights = (shape.unet_params + shape.text_params) * itemsize + shape.vae_params * vae_itemsize
+    scale = 2 ** (len(shape.vae["block_out_channels"]) - 1)
+    unet = max(unet_activation_bytes(shape.unet, (size[1] / scale * share, size[0] / scale), itemsize) for size in stages)
+    mode = "tiled" if request.vae_mode == "tiled" else "exact"
+    vae = max(vae_bytes(shape.vae, size, previous, mode, vae_itemsize, share)
+              for previous, size in zip([None, *stages], stages))
+    return MemoryEstimate(baseline, weights, unet, vae, device)
+
+
+def process_memory() -> int:
+    """This process's resident memory now (what the interpreter and libraries already hold)."""
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def preflight(request: RenderRequest) -> Plan | None:
+    """Check everything knowable without weights; the plan, or None where the model's configs cannot be
+    read cheaply (a single file, a hub id: checked once loaded)."""
+    shape = model_shape(request.model)
+    if shape is None:
+        return None
+    from renderer.models.loading import geometry_from_config
+
+    geometry = geometry_from_config(shape.unet["sample_size"], shape.vae["block_out_channels"], shape.unet["block_out_channels"])
+    stages = request.plan(geometry)
+    check_steps(request, shape.train_timesteps, len(stages))
+    check_inputs(request, stages[0])
+    sharded = request.workers > 0 and len(stages) > 1
+    first = 1 if sharded else len(stages)
+    coordinator_stages = stages[: max(first, 1)]
+    baseline = process_memory() if not request.device.startswith("cuda") else 0
+    plan = Plan(
+        stages=stages, unet_calls=unet_calls(request, len(stages)), output_bytes=pyramid_bytes(stages[-1]),
+        checkpoint_bytes=checkpoint_bytes(stages, shape),
+        coordinator=estimate(request, shape, coordinator_stages, request.device, baseline=baseline),
+    )
+    if sharded:
+        worker_device = "cuda" if request.gpus_per_worker != 0 and request.device.startswith("cuda") else "worker device"
+        plan.worker = estimate(request, shape, stages[1:], worker_device, share=1 / request.workers, baseline=baseline)
+    check_disk(request, plan)
+    check_memory(request, plan)
+    return plan
+
+
+def unet_calls(request: RenderRequest, stages: int) -> int:
+    upscaling = request.steps - restart_index(request.steps, request.freescale.restart_fraction)
+    return (0 if request.image else request.steps) + (stages - 1) * upscaling
+
+
+def pyramid_bytes(size: Size) -> int:
+    return int(size[0] * size[1] * 3 * 4 / 3)
+
+
+def checkpoint_bytes(stages: list[Size], shape: ModelShape) -> int:
+    """Every stage end, plus one mid-stage checkpoint (latents and reference) of the largest stage, fp32."""
+    scale = 2 ** (len(shape.vae["block_out_channels"]) - 1)
+    latent = [shape.unet["in_channels"] * (w // scale) * (h // scale) * 4 for w, h in stages]
+    return sum(latent) + 2 * max(latent)
+
+
+def check_steps(request: RenderRequest, train_timesteps: int, stages: int) -> None:
+    if request.steps > train_timesteps:
+        raise RenderError(f"--steps {request.steps} exceeds the scheduler's {train_timesteps} training timesteps; use at most {train_timesteps} (50 is the reference)")
+    fraction = request.freescale.restart_fraction
+    if stages > 1 and not 0 <= fraction < 1:
+        raise RenderError(f"--restart-fraction {fraction} leaves no steps for the upscaling stages; use a value in [0, 1), e.g. 0.3")
+    if stages > 1 and restart_index(request.steps, fraction) >= request.steps:
+        raise RenderError(f"--steps {request.steps} with --restart-fraction {fraction} leaves no upscaling steps; use more steps")
+
+
+def check_inputs(request: RenderRequest, base: Size) -> None:
+    """Read the input image and mask now, so that a bad file is one line before anything is loaded."""
+    from renderer.images import load_image, load_mask
+
+    if request.image is not None:
+        load_image(request.image, base)
+    if request.mask is not None:
+        load_mask(request.mask, base)
+
+
+def check_disk(request: RenderRequest, plan: Plan) -> None:
+    out = Path(request.out)
+    folder = out.parent if str(out.parent) else Path(".")
+    needed = plan.output_bytes + (plan.checkpoint_bytes if Path(request.checkpoint_folder()).parent == folder else 0)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise RenderError(f"--out {out}: its folder has {free / GiB:.2f} GiB free, the output and checkpoints may need {needed / GiB:.2f} GiB; free space or write elsewhere")
+    if request.checkpoint_dir is not None:
+        existing = Path(request.checkpoint_dir)
+        existing = existing if existing.exists() else existing.parent
+        if plan.checkpoint_bytes > shutil.disk_usage(existing).free:
+            raise RenderError(f"--checkpoint-dir {request.checkpoint_dir}: less than the {plan.checkpoint_bytes / 2**20:.0f} MiB of checkpoints is free there")
+
+
+def check_memory(request: RenderRequest, plan: Plan) -> None:
+    """Refuse a single-process plan whose estimate exceeds the device's memory, saying what would fit."""
+    if request.workers or plan.coordinator is None:
+        return
+    device = torch.device(request.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = available_memory(device) + process_memory()
+    peak = plan.coordinator.peak
+    if peak <= total:
+        return
+    options = []
+    if request.vae_mode != "tiled" and plan.coordinator.vae >= plan.coordinator.unet:
+        options.append("--vae-mode tiled")
+    if not request.freescale.fast_mode:
+        options.append("--fast-mode")
+    options.append(f"--workers {math.ceil(peak / total) + 1} on a Ray cluster")
+    options.append("a smaller --size")
+    raise RenderError(
+        f"--size {format_size(plan.stages[-1])} needs about {peak / GiB:.1f} GiB on {request.device}, which has "
+        f"{total / GiB:.1f} GiB; try {', '.join(options)}"
+    )
