@@ -11,6 +11,8 @@ $(BIN)/freescale-render: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	# libtiff's tools decode our TIFFs independently in the tests (Debian package; needs root).
 	command -v tiffcp >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq libtiff-tools || (apt-get update -qq && apt-get install -y -qq libtiff-tools)) >/dev/null; } || true
+	# promtool and a Prometheus server for the monitoring tests, unpacked from Debian's package (no service started).
+	tools/fetch_prometheus.sh $(VENV)/prometheus
 	touch $@
 
 install: $(BIN)/freescale-render

@@ -27,3 +27,18 @@ def tiny_pipeline():
 @pytest.fixture(scope="session")
 def tiny_unet(tiny_pipeline):
     return tiny_pipeline.unet
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray of this test module's own: never a head that another test (or a user) started on this
+    machine, which a plain `ray.init()` would join."""
+    import logging
+
+    import ray
+
+    ray.shutdown()
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()

@@ -18,14 +18,6 @@ from renderer.errors import RenderError
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def mask_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("mask") / "mask.png"
     mask = np.zeros((256, 256), np.uint8)

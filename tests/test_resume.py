@@ -145,20 +145,13 @@ def test_checkpoint_store_rejects_another_renders_file(tmp_path):
     assert (loaded.stage, loaded.step) == (1, 3) and torch.equal(loaded.reference, torch.zeros(1, 1, 2, 4))
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    yield
-    ray.shutdown()
-
-
 def kill_one_worker() -> None:
-    """SIGKILL the process of the highest-ranked live gang worker (as a crashed node or OOM kill would)."""
-    from ray.util.state import list_actors
+    """SIGKILL the process of one live gang worker of this test's Ray (as a crashed node or OOM kill would)."""
+    from ray._private import state
 
-    actors = [actor for actor in list_actors(filters=[("state", "=", "ALIVE")]) if actor.class_name.endswith("GangWorker")]
-    os.kill(max(actors, key=lambda actor: actor.pid).pid, signal.SIGKILL)
+    pids = [actor["Pid"] for actor in state.actors().values() if actor["ActorClassName"] == "GangWorker" and actor["State"] == "ALIVE"]
+    assert len(pids) == 2
+    os.kill(max(pids), signal.SIGKILL)
 
 
 @pytest.mark.timeout(600)
