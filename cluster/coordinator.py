@@ -3,6 +3,9 @@
 Workers are reserved together in one placement group (PACK: on as few nodes as possible), each loads
 the model once, and they form a torch.distributed group over an explicit TCP rendezvous at rank 0's
 address: NCCL with one GPU per worker, gloo on CPU workers or when workers share a GPU.
+
+Metrics: the gang carries the coordinator's `RenderMetrics`; it records placement and worker failures there,
+and when it records anything, every worker records its own steps, bytes received and memory through Ray's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from cluster.gang import GangResult, StageJob, run_job
 from cluster.strips import init_process_group
 from renderer.errors import RenderError
+from renderer.metrics import NULL_METRICS, RenderMetrics
 from renderer.progress import Progress
 
 
@@ -63,17 +67,19 @@ class GangWorker:
     def join(self, rank: int, world: int, address: str, backend: str, timeout_s: float) -> None:
         init_process_group(rank, world, address, backend, timeout_s)
 
-    def run(self, job: StageJob, queue=None, report_progress: bool = False) -> GangResult:
+    def run(self, job: StageJob, queue=None, report_progress: bool = False, record_metrics: bool = False) -> GangResult:
         """Run the job; keep the final pixel strip here until `take_pixels`, return the rest.
 
         Checkpoint rows go to the coordinator through `queue`; the rank with `report_progress` also reports
-        its stages and steps there."""
+        its stages and steps there. With `record_metrics`, this worker records its steps, bytes received and
+        memory under its rank through `ray.util.metrics`."""
         progress = RelayProgress(queue) if report_progress else None
         sink = None
         if queue is not None:
             def sink(stage, step, span, latents, reference):
                 queue.put(("checkpoint", stage, step, span, latents, reference))
-        result, self.pixels = run_job(self.pipeline, job, progress=progress, checkpoint=sink)
+        metrics = RenderMetrics.ray() if record_metrics else NULL_METRICS
+        result, self.pixels = run_job(self.pipeline, job, progress=progress, checkpoint=sink, metrics=metrics)
         return result
 
     def free_memory(self) -> int:
@@ -204,6 +210,15 @@ def failure(error: Exception) -> str:
     return text.splitlines()[-1] if text else type(cause).__name__
 
 
+def failure_reason(error: Exception) -> str:
+    """The `worker_failures_total` reason of a failure in the gang: timeout, lost or error."""
+    if not lost_worker(error):
+        return "error"
+    cause = getattr(error, "cause", None)  # a collective's own error inside the worker; absent when it died
+    text = str(cause).lower() if cause is not None else ""
+    return "timeout" if "timed out" in text or "timeout" in text else "lost"
+
+
 def lost_worker(error: Exception) -> bool:
     """A failure that rebuilding the gang can cure: an actor or its node died, or a collective broke
     (a peer vanished, a timeout); not an error of the job itself, which would only repeat."""
@@ -220,14 +235,18 @@ def lost_worker(error: Exception) -> bool:
 
 
 class Gang:
-    """A started gang of workers; use as a context manager so the workers and their reservation are freed."""
+    """A started gang of workers; use as a context manager so the workers and their reservation are freed.
 
-    def __init__(self, spec: GangSpec):
+    `metrics`: the coordinator's, where placement and worker failures are counted; unless it is the no-op,
+    the workers record their own metrics through Ray's."""
+
+    def __init__(self, spec: GangSpec, metrics: RenderMetrics = NULL_METRICS):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
 
         if spec.workers < 1:
             raise RenderError(f"--workers {spec.workers} must be at least 1")
+        self.metrics = metrics
         connect(spec.address, spec.workers)
         bundle, gpus = bundle_for(spec.gpus_per_worker, spec.workers)
         self._remove = remove_placement_group
@@ -236,6 +255,7 @@ class Gang:
             ray.get(self.group.ready(), timeout=spec.placement_timeout_s)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.group)
+            metrics.placement_failed()
             raise RenderError(
                 f"--workers {spec.workers}: the cluster could not reserve {spec.workers} x {bundle} within "
                 f"{spec.placement_timeout_s:.0f} s (it has {ray.cluster_resources()}); use fewer workers or add nodes"
@@ -245,6 +265,7 @@ class Gang:
             self._start(spec, bundle, gpus)
         except ray.exceptions.RayError as error:
             self.close()
+            metrics.worker_failed("error")
             raise RenderError(f"a worker failed to start: {failure(error)}") from error
         self.device = "cuda" if gpus else "cpu"
 
@@ -320,7 +341,8 @@ class Gang:
         from ray.util.queue import Queue
 
         queue = Queue()
-        pending = [worker.run.remote(job, queue, rank == 0 and progress.enabled) for rank, worker in enumerate(self.workers)]
+        pending = [worker.run.remote(job, queue, rank == 0 and progress.enabled, self.metrics.enabled)
+                   for rank, worker in enumerate(self.workers)]
         order = {ref: rank for rank, ref in enumerate(pending)}
         results: dict[int, GangResult] = {}
         try:
@@ -332,6 +354,7 @@ class Gang:
             relay(queue, progress, on_checkpoint)
             return [results[rank] for rank in range(len(self.workers))]
         except ray.exceptions.RayError as error:  # the gang is torn down by __exit__; one rank's failure ends all
+            self.metrics.worker_failed(failure_reason(error))
             if lost_worker(error):
                 raise WorkerLost(f"a worker was lost in the sharded stages: {failure(error)}") from error
             raise RenderError(f"a worker failed in the sharded stages: {failure(error)}") from error

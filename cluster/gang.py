@@ -6,11 +6,15 @@ latents of the last stage it ran itself (or of a checkpoint), and the plan. Ever
 resizes and re-encodes at each stage transition, runs every denoising step, and decodes the final
 image, all on its own row strip and exchanging only what `cluster.ops` needs. Nothing per step passes
 through the coordinator except checkpoints, handed to whoever writes them.
+
+Each rank records its own steps (stage, rank), the bytes it received by kind and, in a gang, its device memory
+into the `RenderMetrics` it is given (a worker's: Ray's; the coordinator's own stages: rank 0).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,6 +30,7 @@ from freescale_core import FreeScaleConfig
 from freescale_core.cascade import restart_index, scale_factors
 from renderer.checkpoints import Cadence
 from renderer.images import mask_at
+from renderer.metrics import NULL_METRICS, RenderMetrics
 from renderer.progress import Progress
 from renderer.stages import Conditioning, encode, unscaled, upscale_stage
 from renderer.vae_bands import decode_rows, decode_tiled, tile_grid, to_pixels
@@ -152,7 +157,7 @@ def detail_scale(config: FreeScaleConfig, mask: torch.Tensor | None, rows: RowGr
 
 
 def run_stages(pipeline, job: StageJob, group=None, local: bool = False, progress: Progress | None = None,
-               checkpoint: CheckpointSink | None = None) -> StageRun:
+               checkpoint: CheckpointSink | None = None, metrics: RenderMetrics = NULL_METRICS) -> StageRun:
     """Run the job's stages on this rank: `local` for one process holding every row (a group of one, whose
     exchanges are no-ops), else as one rank of `group` (every rank calls this with the same job)."""
     progress = progress or Progress(False)
@@ -172,7 +177,7 @@ def run_stages(pipeline, job: StageJob, group=None, local: bool = False, progres
     cadence = Cadence(job.checkpoint_steps, job.checkpoint_seconds)
     with torch.inference_mode():
         for index in range(job.first, job.last):
-            started = time.perf_counter()
+            started, exchanged = time.perf_counter(), dict(received_bytes)
             size = job.stages[index]
             if resuming and index == job.first:
                 reference = job.reference[:, :, rows.layout.rows(rows.rank)].to(device)
@@ -203,10 +208,12 @@ def run_stages(pipeline, job: StageJob, group=None, local: bool = False, progres
             before = dict(received_bytes)
             with sharding(pipeline.unet, rows):
                 latents = upscale_stage(
-                    pipeline, cond, reference, (size[1], size[0]), index, job.steps, config, alpha, progress,
+                    pipeline, cond, reference, (size[1], size[0]), index, job.steps, config, alpha,
+                    metrics.stepping(progress, index, rows.rank),
                     backend=sharded_backend(rows), rows=rows.layout.rows(rows.rank), resume=resume, after_step=after_step,
                 )
             run.step_bytes.append({kind: (total - before.get(kind, 0)) // (job.steps - begin) for kind, total in received_bytes.items()})
+            metrics.exchanged_all(rows.rank, received_since(exchanged))
             if checkpoint is not None:
                 checkpoint(index, job.steps, rows.span, latents.float().cpu(), None)
             run.seconds.append(time.perf_counter() - started)
@@ -215,17 +222,45 @@ def run_stages(pipeline, job: StageJob, group=None, local: bool = False, progres
 
 
 def run_job(pipeline, job: StageJob, group=None, progress: Progress | None = None,
-            checkpoint: CheckpointSink | None = None) -> tuple[GangResult, np.ndarray]:
+            checkpoint: CheckpointSink | None = None, metrics: RenderMetrics = NULL_METRICS) -> tuple[GangResult, np.ndarray]:
     """A gang rank's whole part: the job's stages, then its strip of the final image (kept apart, as it is
     handed over separately)."""
-    run = run_stages(pipeline, job, group, progress=progress, checkpoint=checkpoint)
+    run = run_stages(pipeline, job, group, progress=progress, checkpoint=checkpoint, metrics=metrics)
+    exchanged = dict(received_bytes)
     with torch.inference_mode():
         pixels = to_pixels(decode_strip(pipeline, run.rows, run.latents, job.final_mode))
     device = pipeline.unet.device
+    peak = peak_memory(device)
+    metrics.exchanged_all(run.rows.rank, received_since(exchanged))
+    metrics.peak_memory(run.rows.rank, peak, memory_limit(device))
     return GangResult(
         rank=run.rows.rank, rows=run.rows.span, latents=run.latents.float().cpu(), stage_pixels=run.stage_pixels,
-        seconds=run.seconds, step_bytes=run.step_bytes, peak_bytes=peak_memory(device),
+        seconds=run.seconds, step_bytes=run.step_bytes, peak_bytes=peak,
     ), pixels
+
+
+def received_since(before: dict[str, int]) -> dict[str, int]:
+    """Bytes received by kind since `before` (a copy of `received_bytes`); kinds without any left out."""
+    return {kind: total - before.get(kind, 0) for kind, total in received_bytes.items() if total > before.get(kind, 0)}
+
+
+def memory_limit(device: torch.device) -> int:
+    """What the device has for this process: the GPU's memory (times the per-process fraction a shared GPU
+    is capped at); on CPU the cgroup's memory limit where one is set, else the machine's memory."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
+        return int(torch.cuda.get_device_properties(index).total_memory * fraction)
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path, encoding="ascii") as limit:
+                text = limit.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return min(int(text), machine)
+    return machine
 
 
 def peak_memory(device: torch.device) -> int:

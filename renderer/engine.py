@@ -5,21 +5,23 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from cluster.gang import StageJob, decode_strip, run_stages, stage_layout
+from cluster.gang import StageJob, decode_strip, memory_limit, peak_memory, run_stages, stage_layout
 from cluster.strips import RowGroup
+from freescale_core.cascade import restart_index
 from renderer.checkpoints import Assembler, Checkpoint, CheckpointStore
 from renderer.errors import RenderError
 from renderer.identity import render_id
 from renderer.images import load_image, load_mask
+from renderer.metrics import NULL_METRICS, RenderMetrics, metrics_for
 from renderer.models import load_pipeline, model_geometry
 from renderer.outputs import sidecar_path, stage_path, write_json, write_png
 from renderer.preflight import available_memory, preflight
@@ -86,11 +88,51 @@ def pixel_rows(pipeline, latents: torch.Tensor, mode: str) -> Iterator[np.ndarra
 
 
 def render(request: RenderRequest, pipeline=None, progress: bool | Progress = True, write: bool = True,
-           keep_image: bool = True) -> RenderResult:
+           keep_image: bool = True, metrics: bool | RenderMetrics = False) -> RenderResult:
     """Render `request`; `pipeline` reuses an already loaded model (its device and dtype win).
 
     With `write`, checkpoints are kept while rendering and the same request resumes from the newest valid
-    one (see `renderer.checkpoints`); they are removed once the output is complete."""
+    one (see `renderer.checkpoints`); they are removed once the output is complete.
+
+    `metrics` (see `renderer.metrics`): False records nothing; True records what the CLI records, through Ray
+    with --workers (driver and workers), else served on --metrics-port if given, and closes them at the end
+    (after --metrics-linger, unless stopped); a `RenderMetrics` records there (the caller serves and closes it).
+    The render counts as succeeded, failed (an exception) or stopped (a KeyboardInterrupt such as RenderStopped)."""
+    with opened_metrics(request, metrics) as recorder, recorder.rendering():
+        return render_recorded(request, pipeline, progress, write, keep_image, recorder)
+
+
+@contextmanager
+def opened_metrics(request: RenderRequest, metrics: bool | RenderMetrics) -> Iterator[RenderMetrics]:
+    """The metrics a render records into (see `render`), closed at the end if opened here."""
+    if isinstance(metrics, RenderMetrics) or not metrics or (not request.workers and request.metrics_port is None):
+        yield metrics if isinstance(metrics, RenderMetrics) else NULL_METRICS
+        return
+    if request.workers:
+        from cluster.coordinator import connect
+
+        connect(request.address, request.workers)  # first, so that what the driver records reaches Ray's agent
+        opened = metrics_for(on_ray=True)
+    else:
+        try:
+            opened = metrics_for(request.metrics_port, addr=request.metrics_addr)
+        except OSError as error:
+            raise RenderError(f"--metrics-port {request.metrics_port}: cannot serve metrics on "
+                              f"{request.metrics_addr}:{request.metrics_port} ({error.strerror or error})") from None
+        log.info("serving metrics at http://%s:%d/metrics", request.metrics_addr, opened.port)
+    stopped = False
+    try:
+        yield opened
+    except KeyboardInterrupt:
+        stopped = True
+        raise
+    finally:
+        # Ray keeps a process's counters after it exits (gauges end with it); a stop asks to end at once.
+        opened.close(0.0 if stopped or request.workers else request.metrics_linger_s)
+
+
+def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress, write: bool, keep_image: bool,
+                    metrics: RenderMetrics) -> RenderResult:
     check_device(request.device)
     if pipeline is None:
         preflight(request)  # refuse what cannot work before loading weights
@@ -100,7 +142,8 @@ def render(request: RenderRequest, pipeline=None, progress: bool | Progress = Tr
     initial = load_image(request.image, base) if request.image else None
     mask = load_mask(request.mask, base) if request.mask else None
     config = replace(request.freescale, seed=request.seed)
-    bar = progress if isinstance(progress, Progress) else Progress(progress)
+    bar = metrics.following(progress if isinstance(progress, Progress) else Progress(progress),
+                            denoising_plan(stages, request.steps, config.restart_fraction, base=initial is None))
     started = time.perf_counter()
     first_sharded = first_sharded_stage(request, stages)
     if first_sharded < len(stages):
@@ -114,8 +157,18 @@ def render(request: RenderRequest, pipeline=None, progress: bool | Progress = Tr
     stage_times: dict[int, float] = {}
     stage_images: dict[int, np.ndarray] = {}
     history: dict = {"render_id": identity, "resumed_from": None, "restarts": []}
+
+    def save(checkpoint: Checkpoint) -> None:
+        store.write(checkpoint)
+        metrics.checkpoint_written()
+
+    def finished(seconds: dict[int, float]) -> None:
+        stage_times.update(seconds)
+        for stage, duration in seconds.items():
+            metrics.stage_finished(stage, duration)
+
     with ExitStack() as stack, torch.inference_mode():
-        gang = stack.enter_context(start_gang(request)) if first_sharded < len(stages) else None
+        gang = stack.enter_context(start_gang(request, metrics)) if first_sharded < len(stages) else None
         modes = decode_modes(request, pipeline, stages, first_sharded, gang)
         transition_modes, vae_mode = modes[:-1], modes[-1]
         cond = encode_prompts(pipeline, request.prompt, request.negative_prompt, (base[1], base[0]), request.guidance)
@@ -124,17 +177,17 @@ def render(request: RenderRequest, pipeline=None, progress: bool | Progress = Tr
             config=config, transition_modes=transition_modes, final_mode=vae_mode, mask=mask, save_stages=request.save_stages,
             checkpoint_steps=request.checkpoint_every_steps, checkpoint_seconds=request.checkpoint_every_minutes * 60,
         )
-        write_checkpoint = None if store is None else lambda stage, step, span, latents, reference: store.write(Checkpoint(stage, step, latents, reference))
+        write_checkpoint = None if store is None else lambda stage, step, span, latents, reference: save(Checkpoint(stage, step, latents, reference))
         if resumed is None:
             stage_start = time.perf_counter()
             if initial is None:
                 bar.stage(f"stage 0 {format_size(base)}", request.steps)
-                latents = generate_base(pipeline, cond, (base[1], base[0]), request.steps, config, bar)
+                latents = generate_base(pipeline, cond, (base[1], base[0]), request.steps, config, metrics.stepping(bar, 0, 0))
             else:
                 latents = encode(pipeline, initial.to(device), config.seed, stage=0)
             if write_checkpoint is not None:
                 write_checkpoint(0, request.steps, (0, latents.shape[2]), latents.float().cpu(), None)
-            stage_times[0] = time.perf_counter() - stage_start
+            finished({0: time.perf_counter() - stage_start})
             job = replace(job, latents=latents.float().cpu())
         else:
             job = resume_job(job, resumed)
@@ -143,17 +196,19 @@ def render(request: RenderRequest, pipeline=None, progress: bool | Progress = Tr
                      resumed.stage, format_size(stages[resumed.stage]))
         latents = job.latents
         if job.first < first_sharded:
-            run = run_stages(pipeline, replace(job, last=first_sharded), local=True, progress=bar, checkpoint=write_checkpoint)
+            run = run_stages(pipeline, replace(job, last=first_sharded), local=True, progress=bar, checkpoint=write_checkpoint,
+                             metrics=metrics)
             latents = run.latents.float().cpu()
-            stage_times.update(zip(range(job.first, first_sharded), run.seconds))
+            finished(dict(zip(range(job.first, first_sharded), run.seconds)))
             stage_images.update(run.stage_pixels)
             job = replace(job, first=first_sharded, latents=latents, resume_step=None, reference=None)
         workers = {}
         if gang is not None:
-            gang, outcome = render_sharded(request, pipeline, job, gang, stack, store, bar, history["restarts"])
+            gang, outcome = render_sharded(request, pipeline, job, gang, stack, store, bar, history["restarts"], metrics,
+                                           None if store is None else save)
             latents, workers = outcome.latents, outcome.summary
             stage_images.update(outcome.stage_images)
-            stage_times.update(zip(range(len(stages) - len(outcome.stage_seconds), len(stages)), outcome.stage_seconds))
+            finished(dict(zip(range(len(stages) - len(outcome.stage_seconds), len(stages)), outcome.stage_seconds)))
         bar.close()
         if request.save_stages:
             stage_images.update(missing_stage_images(pipeline, store, stage_images, len(stages), transition_modes))
@@ -173,11 +228,13 @@ def render(request: RenderRequest, pipeline=None, progress: bool | Progress = Tr
         if keep_image or not write:
             rows = tee_into(rows, kept)
         if write:
-            write_outputs(request, result, rows, started)
+            metrics.output_written(sum(path.stat().st_size for path in write_outputs(request, result, rows, started)))
         else:
             for _ in rows:
                 pass
             result.metadata["seconds"]["total"] = time.perf_counter() - started
+        if gang is None:  # a gang's workers record their own devices' memory
+            metrics.peak_memory(0, peak_memory(device), memory_limit(device))
     if store is not None and not request.keep_checkpoints:
         store.clear()
     if kept:
@@ -201,7 +258,7 @@ def missing_stage_images(pipeline, store: CheckpointStore | None, images: dict[i
 
 
 def render_sharded(request: RenderRequest, pipeline, job: StageJob, gang, stack: ExitStack, store: CheckpointStore | None,
-                   progress: Progress, restarts: list[dict]):
+                   progress: Progress, restarts: list[dict], metrics: RenderMetrics, save: Callable[[Checkpoint], None] | None):
     """Run the job's stages on the gang; when a worker is lost, rebuild the gang (as many workers as the
     cluster still hosts, up to the same count) and go on from the newest checkpoint, at most
     --max-restarts times. Returns the gang that holds the final pixels, and its outcome."""
@@ -212,8 +269,8 @@ def render_sharded(request: RenderRequest, pipeline, job: StageJob, gang, stack:
     def on_checkpoint(stage: int, step: int, span, latents, reference) -> None:
         height = job.stages[stage][1] // pipeline.vae_scale_factor
         whole = assembler.add(stage, step, span, latents, reference, height)
-        if whole is not None and store is not None:
-            store.write(whole)
+        if whole is not None and save is not None:
+            save(whole)
 
     while True:
         try:
@@ -231,7 +288,7 @@ def render_sharded(request: RenderRequest, pipeline, job: StageJob, gang, stack:
             log.warning("%s; restarting with %d workers from stage %d%s (restart %d of at most %d)", error, workers, job.first,
                         f" step {job.resume_step}" if job.resume_step is not None else "", len(restarts), request.max_restarts)
             assembler = Assembler()
-            gang = stack.enter_context(start_gang(replace(request, workers=workers)))
+            gang = stack.enter_context(start_gang(replace(request, workers=workers), metrics))
 
 
 def position(stage: int, step: int, steps: int) -> tuple[int, int]:
@@ -306,14 +363,22 @@ def check_shardable(pipeline, stages: list[Size], config, workers: int) -> None:
             raise RenderError(f"--workers {workers} at stage {format_size(size)}: {error}") from None
 
 
-def start_gang(request: RenderRequest):
+def start_gang(request: RenderRequest, metrics: RenderMetrics = NULL_METRICS):
     """Reserve and start the workers (before any rendering, so a cluster that cannot host them fails fast)."""
     from cluster.coordinator import Gang, GangSpec
 
     return Gang(GangSpec(
         workers=request.workers, model=request.model, model_config=request.model_config, dtype=request.dtype,
         address=request.address, gpus_per_worker=request.gpus_per_worker, collective_timeout_s=request.collective_timeout_s,
-    ))
+    ), metrics)
+
+
+def denoising_plan(stages: list[Size], steps: int, restart_fraction: float, base: bool) -> dict[int, tuple[int, int]]:
+    """(denoising steps, pixels) of every stage that denoises: the base unless it starts from an image, and every
+    upscaling stage from its restart step."""
+    upscaling = steps - restart_index(steps, restart_fraction)
+    plan = {index: (upscaling, size[0] * size[1]) for index, size in enumerate(stages) if index > 0}
+    return {0: (steps, stages[0][0] * stages[0][1]), **plan} if base else plan
 
 
 def tee_into(rows: Iterable[np.ndarray], kept: list[np.ndarray]) -> Iterator[np.ndarray]:
@@ -322,20 +387,25 @@ def tee_into(rows: Iterable[np.ndarray], kept: list[np.ndarray]) -> Iterator[np.
         yield band
 
 
-def write_outputs(request: RenderRequest, result: RenderResult, rows: Iterable[np.ndarray], started: float) -> None:
-    """Stage PNGs, then the image (streamed), then the sidecar, whose total time includes the writing."""
+def write_outputs(request: RenderRequest, result: RenderResult, rows: Iterable[np.ndarray], started: float) -> list[Path]:
+    """Stage PNGs, then the image (streamed), then the sidecar, whose total time includes the writing.
+    Returns the files written."""
     out = Path(request.out)
+    written = []
     for index, (size, pixels) in enumerate(zip(result.stages, result.stage_images)):
-        write_png(stage_path(out, index, size), pixels)
+        written.append(stage_path(out, index, size))
+        write_png(written[-1], pixels)
     if out.suffix.lower() == ".png":
         write_png(out, np.concatenate(list(rows), axis=0))
     else:
         options = TiffOptions(tile=request.tile_size, compression=request.compression, dpi=request.dpi, software=software_name())
         write_pyramid(out, rows, result.stages[-1], options, result.metadata, request.prompt, request.negative_prompt)
         if request.preview:
-            write_preview(out, preview_path(out))
+            written.append(preview_path(out))
+            write_preview(out, written[-1])
     result.metadata["seconds"]["total"] = time.perf_counter() - started
     write_json(sidecar_path(out), result.metadata)
+    return [*written, out, sidecar_path(out)]
 
 
 def preview_path(out: Path) -> Path:

@@ -30,23 +30,30 @@ coordinator's own stages, whose ``stage`` values differ from the workers'), ``ou
 ``kind`` (`EXCHANGE_KINDS`, as counted in `cluster.strips.received_bytes`), ``reason`` (`FAILURE_REASONS`).
 Never a prompt, path, seed or render id: those go to the sidecar and the logs.
 
+Where the render records (see `renderer.engine.render(metrics=...)`): steps through `stepping`, a progress that
+the step loops (base stage, `cluster.gang.run_stages`) advance; progress and ETA through `following`, the
+coordinator's progress, which also sees a gang's rank 0 steps relayed; the rest at one call each.
+
 Dashboards and alerts: ``deploy/monitoring/``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
+from renderer.progress import Progress
+
 PREFIX = "freescale_"
 RAY_PREFIX = "ray_"  # what Ray's metrics agent puts before every application metric
 
 OUTCOMES = ("succeeded", "failed", "stopped")
-EXCHANGE_KINDS = ("conv", "window", "blur", "vae", "ring", "sum")
+EXCHANGE_KINDS = ("conv", "window", "blur", "vae", "resize", "ring", "sum")
 FAILURE_REASONS = ("lost", "timeout", "error")
 
 # From a 50 ms step of the tiny model on a GPU up to a four-hour 16K stage.
@@ -317,6 +324,23 @@ class RenderMetrics:
         """ray.util.metrics backend (call after ray.init, or inside an actor)."""
         return cls(_ray_backend_of_process())
 
+    @property
+    def enabled(self) -> bool:
+        """False for the no-op."""
+        return not isinstance(self.backend, _NullBackend)
+
+    # Progress that records what it sees (the step loops report through a `renderer.progress.Progress`).
+    def stepping(self, progress: Progress, stage: int, rank: int) -> Progress:
+        """`progress`, and every step of `stage` that advances it recorded as `step_finished(stage, rank, time
+        since the previous step, or since this call for the first)`. The no-op gives `progress` itself."""
+        return _Tap(progress, _StepClock(self, stage, rank)) if self.enabled else progress
+
+    def following(self, progress: Progress, plan: Mapping[int, tuple[int, int]]) -> Progress:
+        """`progress`, and from its stage and step events the render's progress ratio and ETA (`progress`).
+        `plan`: stage index -> (denoising steps, pixels) of every stage of the render that denoises. The no-op
+        gives `progress` itself."""
+        return _Tap(progress, _RenderProgress(self, plan)) if self.enabled else progress
+
     # The render as a whole (coordinator / driver).
     def render_started(self) -> None:
         self.backend.add(_IN_PROGRESS, (), 1)
@@ -415,12 +439,100 @@ class RenderMetrics:
     def close(self, linger_s: float = 0.0) -> None:
         """Waits `linger_s` seconds (so that the last values get scraped or reported), then stops the HTTP
         server (prometheus_client) or the gauge refresher (Ray)."""
-        if linger_s > 0 and not isinstance(self.backend, _NullBackend):
-            time.sleep(linger_s)
-        self.backend.close()
+        try:
+            if linger_s > 0 and self.enabled:
+                time.sleep(linger_s)
+        finally:
+            self.backend.close()
 
 
 NULL_METRICS = RenderMetrics()
+
+
+# --- following the step loops ---------------------------------------------------------------------------
+
+class _Tap(Progress):
+    """`inner`'s bars (and position), with every stage and step also told to `listener`."""
+
+    def __init__(self, inner: Progress, listener):
+        super().__init__(enabled=False)
+        self.inner, self.listener = inner, listener
+        self.enabled = True  # wants every event: a gang's rank 0 relays its steps to a progress that is enabled
+
+    def stage(self, label: str, steps: int) -> None:
+        self.listener.stage(label, steps)
+        self.inner.stage(label, steps)
+
+    def advance(self) -> None:  # the step is done: recorded even if the bar raises (a stop arriving there)
+        self.listener.advance()
+        self.inner.advance()
+
+    def position(self) -> str | None:
+        return self.inner.position()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _StepClock:
+    def __init__(self, metrics: RenderMetrics, stage: int, rank: int):
+        self.metrics, self.index, self.rank = metrics, stage, rank
+        self.last = time.perf_counter()
+
+    def stage(self, label: str, steps: int) -> None:
+        self.last = time.perf_counter()
+
+    def advance(self) -> None:
+        now = time.perf_counter()
+        self.metrics.step_finished(self.index, self.rank, now - self.last)
+        self.last = now
+
+
+STAGE_LABEL = re.compile(r"stage (\d+)\b")  # progress labels: "stage 2 1024x1024[ on 4 workers]"
+
+
+class _RenderProgress:
+    """The fraction of the render's denoising steps done, and the seconds left at the rate so far, with each
+    step weighted by its stage's pixels (a 4x larger stage's steps take about 4x as long).
+
+    A stage event says which stage runs and how many of its steps are left: the stages before it are done, those
+    after it not begun (so a gang restarted from a checkpoint moves the ratio back where it belongs)."""
+
+    def __init__(self, metrics: RenderMetrics, plan: Mapping[int, tuple[int, int]]):
+        self.metrics = metrics
+        self.full = {stage: steps for stage, (steps, _) in plan.items()}
+        self.cost = {stage: float(pixels) for stage, (_, pixels) in plan.items()}
+        self.left = dict(self.full)
+        self.total = sum(self.full.values())
+        self.current: int | None = None
+        self.started: float | None = None
+        self.work = 0.0  # pixel-steps done since the first stage event
+
+    def stage(self, label: str, steps: int) -> None:
+        match = STAGE_LABEL.match(label)
+        if match is None or int(match.group(1)) not in self.full:
+            return
+        self.current = int(match.group(1))
+        for stage, full in self.full.items():
+            self.left[stage] = 0 if stage < self.current else full if stage > self.current else min(steps, full)
+        if self.started is None:
+            self.started = time.perf_counter()
+        self.report()
+
+    def advance(self) -> None:
+        if self.current is None:
+            return
+        self.left[self.current] = max(0, self.left[self.current] - 1)
+        self.work += self.cost[self.current]
+        self.report()
+
+    def report(self) -> None:
+        left = sum(self.left.values())
+        eta = None
+        if self.work > 0 and self.started is not None:
+            rate = self.work / max(time.perf_counter() - self.started, 1e-9)
+            eta = sum(self.left[stage] * self.cost[stage] for stage in self.left) / rate
+        self.metrics.progress(1.0 - left / self.total if self.total else 0.0, eta)
 
 
 def metrics_for(port: int | None = None, on_ray: bool = False, addr: str = "0.0.0.0") -> RenderMetrics:

@@ -143,6 +143,9 @@ class RenderRequest:
     checkpoint_every_minutes: float = 10.0  # inside a stage, checkpoint at least this often
     max_restarts: int = 3  # gang rebuilds after lost workers before giving up
     collective_timeout_s: float = 1800.0  # a collective that waits longer fails (and the gang is rebuilt)
+    metrics_port: int | None = None  # without --workers: serve Prometheus metrics on this port (0: any free one)
+    metrics_addr: str = "0.0.0.0"  # ... on this address
+    metrics_linger_s: float = 15.0  # ... and keep serving them this long after the render, for the last scrape
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -182,6 +185,14 @@ class RenderRequest:
             raise RenderError(f"--max-restarts {self.max_restarts} must be 0 (fail at the first lost worker) or more")
         if not self.collective_timeout_s > 0 or not math.isfinite(self.collective_timeout_s):
             raise RenderError(f"--collective-timeout {self.collective_timeout_s} must be a positive number of seconds, e.g. 1800")
+        if self.metrics_port is not None and (isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int)
+                                              or not 0 <= self.metrics_port <= 65535):
+            raise RenderError(f"--metrics-port {self.metrics_port} must be a port number from 0 to 65535 (0: any free port)")
+        if self.metrics_port is not None and self.workers:
+            raise RenderError(f"--metrics-port {self.metrics_port} serves a render without Ray; with --workers the driver and "
+                              "workers export through Ray's metrics export port (ray_freescale_*): drop --metrics-port")
+        if not 0 <= self.metrics_linger_s < math.inf:
+            raise RenderError(f"--metrics-linger {self.metrics_linger_s} must be a number of seconds >= 0 (default 15)")
         if self.gpus_per_worker is not None and not 0 <= self.gpus_per_worker <= 1:
             raise RenderError(f"--gpus-per-worker {self.gpus_per_worker}: use 1, a fraction to share GPUs, or 0 for CPU workers")
 

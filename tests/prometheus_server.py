@@ -2,8 +2,8 @@
 
 The binaries come from Debian's `prometheus` package unpacked into .venv/prometheus by
 tools/fetch_prometheus.sh (nothing installed system-wide); PROMETHEUS_BIN_DIR overrides, and a
-`promtool` and `prometheus` on PATH are taken last. Tests that need them skip with the command to run
-when they are missing.
+`promtool` and `prometheus` on PATH are taken last. Tests that need them fail (they do not skip: the metrics
+would go unchecked) with the command to run when they are missing.
 
     with prometheus_server([{"job_name": "app", "static_configs": [{"targets": ["127.0.0.1:8000"]}]}]) as prom:
         prom.wait_for('up{job="app"}', lambda v: v == 1)
@@ -46,12 +46,13 @@ def find_binary(name: str) -> Path | None:
 
 
 def require_binary(name: str) -> Path:
-    """The binary, or skip the calling test with what to run."""
+    """The binary, or fail the calling test with what to run."""
     import pytest
 
     path = find_binary(name)
     if path is None:
-        pytest.skip(f"{name} not found: run tools/fetch_prometheus.sh (make install does)")
+        pytest.fail(f"{name} not found: run `tools/fetch_prometheus.sh .venv/prometheus` (make install does), "
+                    "or point PROMETHEUS_BIN_DIR at a folder holding prometheus and promtool", pytrace=False)
     return path
 
 
