@@ -134,20 +134,22 @@ def connect(address: str | None, workers: int) -> None:
         try:
             ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
         except ConnectionError:
-            ray.init(num_cpus=max(os.cpu_count() or 1, workers), log_to_driver=False, include_dashboard=False,
-                     logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), log_to_driver=False,
+                     include_dashboard=False, logging_level=logging.WARNING)
     finally:
         if callable(handler) and signal.getsignal(signal.SIGTERM) is not handler:
             signal.signal(signal.SIGTERM, handler)
 
 
 def cpu_share(workers: int) -> float:
-    """CPUs per CPU worker: the cluster's CPUs split evenly (fractions allowed, so 3 workers fit 2 cores),
-    at most one node's worth so that the PACK group can still be placed."""
+    """CPUs per CPU worker: the cluster's free CPUs split evenly (fractions allowed, so 3 workers fit 2 cores;
+    free, so that CPUs held by others, e.g. a job's --entrypoint-num-cpus, are not asked for), at most one
+    node's worth so that the PACK group can still be placed."""
     import ray
 
     largest_node = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
-    share = min(largest_node, ray.cluster_resources().get("CPU", 1) / workers)
+    free = ray.available_resources().get("CPU", 0)
+    share = min(largest_node, (free or ray.cluster_resources().get("CPU", 1)) / workers)
     return math.floor(share * 10_000) / 10_000  # Ray counts resources in 1e-4 units: round down so all fit
 
 
@@ -251,22 +253,24 @@ class Gang:
         bundle, gpus = bundle_for(spec.gpus_per_worker, spec.workers)
         self._remove = remove_placement_group
         self.group = placement_group([bundle] * spec.workers, strategy="PACK")
-        try:
-            ray.get(self.group.ready(), timeout=spec.placement_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.group)
-            metrics.placement_failed()
-            raise RenderError(
-                f"--workers {spec.workers}: the cluster could not reserve {spec.workers} x {bundle} within "
-                f"{spec.placement_timeout_s:.0f} s (it has {ray.cluster_resources()}); use fewer workers or add nodes"
-            ) from None
         self.workers = []
         try:
-            self._start(spec, bundle, gpus)
-        except ray.exceptions.RayError as error:
+            try:
+                ray.get(self.group.ready(), timeout=spec.placement_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                metrics.placement_failed()
+                raise RenderError(
+                    f"--workers {spec.workers}: the cluster could not reserve {spec.workers} x {bundle} within "
+                    f"{spec.placement_timeout_s:.0f} s (it has {ray.cluster_resources()}); use fewer workers or add nodes"
+                ) from None
+            try:
+                self._start(spec, bundle, gpus)
+            except ray.exceptions.RayError as error:
+                metrics.worker_failed("error")
+                raise RenderError(f"a worker failed to start: {failure(error)}") from error
+        except BaseException:  # also a stop (SIGTERM, Ctrl-C) while waiting: free what was reserved
             self.close()
-            metrics.worker_failed("error")
-            raise RenderError(f"a worker failed to start: {failure(error)}") from error
+            raise
         self.device = "cuda" if gpus else "cpu"
 
     def _start(self, spec: GangSpec, bundle: dict, gpus: float) -> None:
@@ -341,7 +345,7 @@ class Gang:
         from ray.util.queue import Queue
 
         queue = Queue()
-        pending = [worker.run.remote(job, queue, rank == 0 and progress.enabled, self.metrics.enabled)
+        pending = [worker.run.remote(job, queue, rank == 0, self.metrics.enabled)
                    for rank, worker in enumerate(self.workers)]
         order = {ref: rank for rank, ref in enumerate(pending)}
         results: dict[int, GangResult] = {}

@@ -14,8 +14,15 @@ from renderer.vae_bands import VAE_MODES
 from renderer.request import RenderRequest, format_size, parse_size
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is a `RenderError` (one line), not usage text and exit."""
+
+    def error(self, message: str):
+        raise RenderError(f"{message}; see --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="freescale-render",
         description="Render a poster-scale image with FreeScale (tuning-free SDXL upscaling cascade).",
         epilog="Run `freescale-render inspect FILE` to check a written output.",
@@ -58,12 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shard-from", help="with --workers: shard only stages with at least the pixels of this WxH (default: every upscaling stage)")
     add("--gpus-per-worker", type=float,
         help="GPUs each worker reserves: 1 (NCCL), a fraction to share a GPU (gloo), 0 for CPU workers (default: 1 if available)")
+    add("--checkpoint-dir", type=Path, help="where checkpoints go (default: beside the output, OUT.checkpoints/)")
+    add("--no-resume", action="store_true", help="start over even if checkpoints of this same request exist")
+    add("--keep-checkpoints", action="store_true", help="keep the checkpoints after the output is complete")
+    add("--checkpoint-every-steps", type=int, default=0, help="inside a stage, checkpoint every N steps (default 0: by time only)")
+    add("--checkpoint-every-minutes", type=float, default=10.0, help="inside a stage, checkpoint at least this often (default 10)")
+    add("--max-restarts", type=int, default=3, help="rebuild the gang at most this many times after lost workers (default 3)")
+    add("--collective-timeout", type=float, default=1800.0,
+        help="seconds a worker waits in one exchange before the gang counts as broken (default 1800)")
+    add("--metrics-port", type=int,
+        help="without --workers: serve Prometheus metrics (freescale_*) at http://ADDR:PORT/metrics while rendering; "
+             "with --workers they go to Ray's metrics export port (ray_freescale_*) instead")
+    add("--metrics-addr", default="0.0.0.0", help="address the --metrics-port server listens on (default 0.0.0.0)")
+    add("--metrics-linger", type=float, default=15.0, metavar="SECONDS",
+        help="with --metrics-port: keep serving this long after the render ends (not after a stop), so that Prometheus "
+             "scrapes the last values; set it above your scrape interval (default 15)")
+    add("--dry-run", action="store_true", help="print the plan, memory estimate, UNet calls and output size, then exit")
     add("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def request_from_args(args: argparse.Namespace) -> RenderRequest:
-    stages = tuple(parse_size(part) for part in args.stages.split(",")) if args.stages else None
+    stages = tuple(parse_size(part, "--stages") for part in args.stages.split(",")) if args.stages else None
     size = parse_size(args.size) if args.size else None
     freescale = FreeScaleConfig(
         cosine_scale=args.cosine_scale, cosine_scale_bg=args.cosine_scale_bg, dilate_tau=args.dilate_tau,
@@ -76,22 +99,61 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
         model=args.model, model_config=args.model_config, device=args.device, dtype=args.dtype, out=args.out,
         save_stages=args.save_stages, preview=args.preview, vae_mode=args.vae_mode, compression=args.compression,
         dpi=args.dpi, tile_size=args.tile_size, workers=args.workers, address=args.address,
-        gpus_per_worker=args.gpus_per_worker, shard_from=parse_size(args.shard_from) if args.shard_from else None,
+        gpus_per_worker=args.gpus_per_worker, shard_from=parse_size(args.shard_from, "--shard-from") if args.shard_from else None,
+        checkpoint_dir=args.checkpoint_dir, resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints,
+        checkpoint_every_steps=args.checkpoint_every_steps, checkpoint_every_minutes=args.checkpoint_every_minutes,
+        max_restarts=args.max_restarts, collective_timeout_s=args.collective_timeout,
+        metrics_port=args.metrics_port, metrics_addr=args.metrics_addr, metrics_linger_s=args.metrics_linger,
     )
 
 
+def dry_run(request: RenderRequest) -> int:
+    """Print what the render would do and need, without loading any weight."""
+    from renderer.preflight import preflight
+
+    plan = preflight(request)
+    if plan is None:
+        print(f"--model {request.model}: its configs cannot be read without loading it; nothing more to check before a render")
+        return 0
+    print("\n".join(plan.lines()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    import time
+
+    from renderer.console import quiet_libraries
+    from renderer.progress import Progress
+    from renderer.stopping import StopSignals, stopped_message
+
+    as_program = argv is None  # the `freescale-render` command itself, not a caller in the same process
     argv = sys.argv[1:] if argv is None else argv
+    stop = StopSignals()  # SIGTERM (`ray job stop`) and SIGINT (Ctrl-C) end the render cleanly, see renderer.stopping
+    request = None
+    started = time.time()
     try:
         if argv[:1] == ["inspect"]:
             from renderer.inspect import main as inspect_main
 
             return inspect_main(argv[1:])
-        args = build_parser().parse_args(argv)
-        request = request_from_args(args)
-        from renderer.engine import render
+        with stop:  # also while reporting a stop: a second signal must not interrupt that
+            try:
+                args = build_parser().parse_args(argv)
+                request = request_from_args(args)
+                if args.dry_run:
+                    return dry_run(request)
+                quiet_libraries()
+                from renderer.engine import render
 
-        result = render(request, progress=not args.quiet, keep_image=False)
+                Progress.latest = None
+                result = render(request, progress=not args.quiet, keep_image=False, metrics=True)
+            except KeyboardInterrupt:  # ours (RenderStopped), or Ray's re-raise of it from inside ray.get/ray.wait
+                if stop.received is None:
+                    raise
+                print(stopped_message(stop, request, started), file=sys.stderr, flush=True)
+                if as_program:
+                    stop.exit_now()  # cleaned up already; skip the interpreter's slow teardown (Ray's stop grace is 3 s)
+                return stop.exit_code
     except (RenderError, ValueError) as error:
         print(f"freescale-render: error: {error}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from cluster.jobs import submission_id
 from cluster.gang import StageJob, decode_strip, memory_limit, peak_memory, run_stages, stage_layout
 from cluster.strips import RowGroup
 from freescale_core.cascade import restart_index
@@ -219,6 +220,7 @@ def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress,
                 "device": str(device), "dtype": dtype_name(pipeline.unet.dtype),
                 "vae_dtype": dtype_name(pipeline.vae.dtype), "vae_mode": vae_mode,
                 "transition_vae_modes": transition_modes, "versions": library_versions(), **history,
+                "ray_job_submission_id": submission_id(),
                 "seconds": {"stages": [stage_times.get(index) for index in range(len(stages))]},
                 **({"workers": workers} if workers else {}),
             },
@@ -404,6 +406,7 @@ def write_outputs(request: RenderRequest, result: RenderResult, rows: Iterable[n
             written.append(preview_path(out))
             write_preview(out, written[-1])
     result.metadata["seconds"]["total"] = time.perf_counter() - started
+    result.metadata["peak_bytes"] = peak_memory(torch.device(result.metadata["device"]))  # this process's, the writing included
     write_json(sidecar_path(out), result.metadata)
     return [*written, out, sidecar_path(out)]
 

@@ -21,14 +21,20 @@ from renderer.errors import RenderError
 from renderer.request import RenderRequest, Size, format_size
 
 GiB = 2**30
-# Working set of one attention block beyond its input, in activations of the block's size (tokens × width):
-# FreeScale's global and windowed q, k, v and outputs, the blur, and the GEGLU feed-forward (8× then 4× wide).
-ATTENTION_WORKSET = 14
-# The banded exact decode holds one whole layer's bands and the next layer's, plus one band's temporaries.
-DECODE_WORKSET = 2.5
-# A VAE encode of the whole upsampled image: the first block's input, output and one temporary at full size.
-ENCODE_WORKSET = 3
-
+# The working sets below are in activations of the op's own size (tokens x width, or pixels x the VAE's
+# full-resolution width), measured on the tiny model on CPU (bench/preflight_memory.py, docs/benchmarks.md).
+# One attention level of a CFG UNet call beyond the held skips: FreeScale's global and windowed q, k, v and
+# outputs, the blur, the GEGLU feed-forward (8x then 4x wide) and the convs around them.
+ATTENTION_WORKSET = 28
+# The banded exact decode: a resnet's input, normed, conv and shortcut bands at once, and the last
+# upsampler's nearest-upsampled input, all at full resolution.
+DECODE_WORKSET = 6
+# A VAE encode of the whole upsampled image: the first block's input, output and temporaries at full size.
+ENCODE_WORKSET = 4
+# A CPU process holds this much more once it runs than when the preflight measures it (loaded pipeline
+# objects, allocator caches, kernel workspaces; measured as above). CUDA's own context is not counted,
+# as the GPU figures compare with torch's peak allocation.
+CPU_RUNTIME = int(0.2 * GiB)
 
 def available_memory(device: torch.device) -> int:
     """Free bytes on `device`: its GPU's free memory, or the machine's available memory for the CPU."""
@@ -196,12 +202,12 @@ def preflight(request: RenderRequest) -> Plan | None:
 
     geometry = geometry_from_config(shape.unet["sample_size"], shape.vae["block_out_channels"], shape.unet["block_out_channels"])
     stages = request.plan(geometry)
-    check_steps(request, shape.train_timesteps, len(stages))
+    check_steps(request, shape.train_timesteps)
     check_inputs(request, stages[0])
     sharded = request.workers > 0 and len(stages) > 1
     first = 1 if sharded else len(stages)
     coordinator_stages = stages[: max(first, 1)]
-    baseline = process_memory() if not request.device.startswith("cuda") else 0
+    baseline = process_memory() + CPU_RUNTIME if not request.device.startswith("cuda") else 0
     plan = Plan(
         stages=stages, unet_calls=unet_calls(request, len(stages)), output_bytes=pyramid_bytes(stages[-1]),
         checkpoint_bytes=checkpoint_bytes(stages, shape),
@@ -231,14 +237,9 @@ def checkpoint_bytes(stages: list[Size], shape: ModelShape) -> int:
     return sum(latent) + 2 * max(latent)
 
 
-def check_steps(request: RenderRequest, train_timesteps: int, stages: int) -> None:
+def check_steps(request: RenderRequest, train_timesteps: int) -> None:
     if request.steps > train_timesteps:
         raise RenderError(f"--steps {request.steps} exceeds the scheduler's {train_timesteps} training timesteps; use at most {train_timesteps} (50 is the reference)")
-    fraction = request.freescale.restart_fraction
-    if stages > 1 and not 0 <= fraction < 1:
-        raise RenderError(f"--restart-fraction {fraction} leaves no steps for the upscaling stages; use a value in [0, 1), e.g. 0.3")
-    if stages > 1 and restart_index(request.steps, fraction) >= request.steps:
-        raise RenderError(f"--steps {request.steps} with --restart-fraction {fraction} leaves no upscaling steps; use more steps")
 
 
 def check_inputs(request: RenderRequest, base: Size) -> None:
@@ -257,7 +258,10 @@ def check_disk(request: RenderRequest, plan: Plan) -> None:
     needed = plan.output_bytes + (plan.checkpoint_bytes if Path(request.checkpoint_folder()).parent == folder else 0)
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise RenderError(f"--out {out}: its folder has {free / GiB:.2f} GiB free, the output and checkpoints may need {needed / GiB:.2f} GiB; free space or write elsewhere")
+        raise RenderError(
+            f"--size {format_size(plan.stages[-1])}: the output and checkpoints may need {needed / GiB:.2f} GiB, and the "
+            f"folder of --out {out} has {free / GiB:.2f} GiB free; free space, write elsewhere or render smaller"
+        )
     if request.checkpoint_dir is not None:
         existing = Path(request.checkpoint_dir)
         existing = existing if existing.exists() else existing.parent

@@ -19,13 +19,13 @@ from renderer.vae_bands import VAE_MODES
 Size = tuple[int, int]  # (width, height) in pixels, as users write it
 
 
-def parse_size(text: str) -> Size:
+def parse_size(text: str, option: str = "--size") -> Size:
     parts = text.lower().split("x")
-    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
-        raise RenderError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 2048x2048")
+    if len(parts) != 2 or not all(part.strip().isascii() and part.strip().isdigit() for part in parts):
+        raise RenderError(f"{option} {text!r} is not WIDTHxHEIGHT, e.g. 2048x2048")
     width, height = (int(part) for part in parts)
     if width <= 0 or height <= 0:
-        raise RenderError(f"size {text!r} must have positive sides")
+        raise RenderError(f"{option} {text!r} must have positive sides")
     return width, height
 
 

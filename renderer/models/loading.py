@@ -52,19 +52,19 @@ def _load(model: str, device: str, model_config: str | None) -> StableDiffusionX
     if model == "toy":
         if not (TOY_WEIGHTS / "model_index.json").is_file():
             raise RenderError(f"--model toy: the trained weights are missing from {TOY_WEIGHTS}; reinstall the package")
-        return StableDiffusionXLPipeline.from_pretrained(TOY_WEIGHTS, torch_dtype=torch.float32)
+        return StableDiffusionXLPipeline.from_pretrained(TOY_WEIGHTS, dtype=torch.float32)
     path = Path(model)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise RenderError(f"--model {model}: the folder has no model_index.json; give a diffusers SDXL folder (save_pretrained)")
-        return _checked(model, lambda: StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=torch.float32))
+        return _checked(model, lambda: StableDiffusionXLPipeline.from_pretrained(path, dtype=torch.float32))
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise RenderError(f"--model {model} does not exist; give a .safetensors file, a diffusers folder, a hub id, or one of {', '.join(BUILTIN)}")
         return _load_single_file(path, model_config)
     if path.exists() or model.count("/") != 1:
         raise RenderError(f"--model {model} is not a diffusers folder, a .safetensors file, a hub id (org/name) or one of {', '.join(BUILTIN)}")
-    return _checked(model, lambda: StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32))
+    return _checked(model, lambda: StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float32))
 
 
 def _checked(model: str, load):
@@ -86,7 +86,7 @@ def _load_single_file(path: Path, model_config: str | None) -> StableDiffusionXL
     if metadata.get("format") == PACKED_FORMAT:
         return _checked(str(path), lambda: _load_packed(path, metadata))
     kwargs = {"config": model_config} if model_config else {}
-    return _checked(str(path), lambda: StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=torch.float32, **kwargs))
+    return _checked(str(path), lambda: StableDiffusionXLPipeline.from_single_file(str(path), dtype=torch.float32, **kwargs))
 
 
 def save_single_file(pipeline: StableDiffusionXLPipeline, path: Path) -> None:
