@@ -122,7 +122,7 @@ def dry_run(request: RenderRequest) -> int:
 def main(argv: list[str] | None = None) -> int:
     import time
 
-    from renderer.console import quiet_libraries
+    from renderer.console import quiet_libraries, show_render_log
     from renderer.progress import Progress
     from renderer.stopping import StopSignals, stopped_message
 
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.dry_run:
                     return dry_run(request)
                 quiet_libraries()
+                show_render_log()
                 from renderer.engine import render
 
                 Progress.latest = None

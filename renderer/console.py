@@ -56,3 +56,15 @@ def quiet_libraries() -> None:
     token_notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
     if not any(isinstance(existing, _DropMessages) for existing in token_notice.filters):
         token_notice.addFilter(_DropMessages("Token authentication is enabled"))
+
+
+def show_render_log(prog: str = "freescale-render") -> None:
+    """The renderer's own notes (resumed from a checkpoint, a damaged checkpoint ignored, a lost worker
+    replaced) as one line each on stderr."""
+    log = logging.getLogger("freescale_poster")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
