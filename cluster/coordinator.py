@@ -67,23 +67,23 @@ class GangWorker:
     def join(self, rank: int, world: int, address: str, backend: str, timeout_s: float) -> None:
         init_process_group(rank, world, address, backend, timeout_s)
 
-    def run(self, job: StageJob, queue=None, report_progress: bool = False, record_metrics: bool = False) -> GangResult:
+    def run(self, job: StageJob, queue, report_progress: bool = False, record_metrics: bool = False) -> GangResult:
         """Run the job; keep the final pixel strip here until `take_pixels`, return the rest.
 
         Checkpoint rows go to the coordinator through `queue`; the rank with `report_progress` also reports
         its stages and steps there. With `record_metrics`, this worker records its steps, bytes received and
         memory under its rank through `ray.util.metrics`."""
+
+        def hand_over(stage, step, span, latents, reference) -> None:
+            queue.put(("checkpoint", stage, step, span, latents, reference))
+
         progress = RelayProgress(queue) if report_progress else None
-        sink = None
-        if queue is not None:
-            def sink(stage, step, span, latents, reference):
-                queue.put(("checkpoint", stage, step, span, latents, reference))
         metrics = RenderMetrics.ray() if record_metrics else NULL_METRICS
-        result, self.pixels = run_job(self.pipeline, job, progress=progress, checkpoint=sink, metrics=metrics)
+        result, self.pixels = run_job(self.pipeline, job, progress=progress, checkpoint=hand_over, metrics=metrics)
         return result
 
     def free_memory(self) -> int:
-        from renderer.preflight import available_memory
+        from renderer.memory import available_memory
 
         return available_memory(torch.device(self.device))
 

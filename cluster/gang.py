@@ -14,7 +14,6 @@ into the `RenderMetrics` it is given (a worker's: Ray's; the coordinator's own s
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -30,6 +29,7 @@ from freescale_core import FreeScaleConfig
 from freescale_core.cascade import restart_index, scale_factors
 from renderer.checkpoints import Cadence
 from renderer.images import mask_at
+from renderer.memory import memory_limit, peak_memory
 from renderer.metrics import NULL_METRICS, RenderMetrics
 from renderer.progress import Progress
 from renderer.stages import Conditioning, encode, unscaled, upscale_stage
@@ -242,31 +242,3 @@ def run_job(pipeline, job: StageJob, group=None, progress: Progress | None = Non
 def received_since(before: dict[str, int]) -> dict[str, int]:
     """Bytes received by kind since `before` (a copy of `received_bytes`); kinds without any left out."""
     return {kind: total - before.get(kind, 0) for kind, total in received_bytes.items() if total > before.get(kind, 0)}
-
-
-def memory_limit(device: torch.device) -> int:
-    """What the device has for this process: the GPU's memory (times the per-process fraction a shared GPU
-    is capped at); on CPU the cgroup's memory limit where one is set, else the machine's memory."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
-        return int(torch.cuda.get_device_properties(index).total_memory * fraction)
-    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path, encoding="ascii") as limit:
-                text = limit.read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            return min(int(text), machine)
-    return machine
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak CUDA allocation on a GPU; the process's peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cluster.jobs import submission_id
-from cluster.gang import StageJob, decode_strip, memory_limit, peak_memory, run_stages, stage_layout
+from cluster.gang import StageJob, decode_strip, run_stages, stage_layout
 from cluster.strips import RowGroup
 from freescale_core.cascade import restart_index
 from renderer.checkpoints import Assembler, Checkpoint, CheckpointStore
@@ -25,7 +25,8 @@ from renderer.images import load_image, load_mask
 from renderer.metrics import NULL_METRICS, RenderMetrics, metrics_for
 from renderer.models import load_pipeline, model_geometry
 from renderer.outputs import sidecar_path, stage_path, write_json, write_png
-from renderer.preflight import available_memory, preflight
+from renderer.memory import available_memory, memory_limit, peak_memory
+from renderer.preflight import preflight
 from renderer.progress import Progress
 from renderer.request import RenderRequest, Size, format_size
 from renderer.stages import encode, encode_prompts, generate_base, unscaled

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from freescale_core.cascade import restart_index
 from renderer.errors import RenderError
+from renderer.memory import available_memory, process_memory
 from renderer.request import RenderRequest, Size, format_size
 
 GiB = 2**30
@@ -35,17 +35,6 @@ ENCODE_WORKSET = 4
 # objects, allocator caches, kernel workspaces; measured as above). CUDA's own context is not counted,
 # as the GPU figures compare with torch's peak allocation.
 CPU_RUNTIME = int(0.2 * GiB)
-
-def available_memory(device: torch.device) -> int:
-    """Free bytes on `device`: its GPU's free memory, or the machine's available memory for the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo", encoding="ascii") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 2**34
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -184,12 +173,6 @@ def estimate(request: RenderRequest, shape: ModelShape, stages: list[Size], devi
     vae = max(vae_bytes(shape.vae, size, previous, mode, vae_itemsize, share)
               for previous, size in zip([None, *stages], stages))
     return MemoryEstimate(baseline, weights, unet, vae, device)
-
-
-def process_memory() -> int:
-    """This process's resident memory now (what the interpreter and libraries already hold)."""
-    with open("/proc/self/statm", encoding="ascii") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 def preflight(request: RenderRequest) -> Plan | None:
