@@ -166,3 +166,19 @@ def test_a_killed_worker_is_replaced_and_the_render_is_byte_identical(ray_sessio
     assert len(restarts) == 1 and restarts[0]["workers_after"] == 2
     assert restarts[0]["resumed_from"]["stage"] == 2 and restarts[0]["resumed_from"]["step"] is not None
     assert "lost" in restarts[0]["error"]
+
+
+def test_render_id_follows_the_pixels_not_where_or_how_they_are_written(tmp_path):
+    from freescale_core import FreeScaleConfig
+    from renderer.identity import render_id
+
+    request = RenderRequest(prompt="a kite", seed=3, stages=STAGES[:2], steps=5, out=tmp_path / "a.png")
+    same = render_id(request, list(STAGES[:2]), "float32", "cpu")
+    for unchanged in ({"out": tmp_path / "b.tif"}, {"workers": 2}, {"checkpoint_every_steps": 1}, {"tile_size": 256},
+                      {"metrics_port": 9100}, {"resume": False}, {"preview": True}):
+        assert render_id(request.with_(**unchanged), list(STAGES[:2]), "float32", "cpu") == same, unchanged
+    for changed in ({"seed": 4}, {"prompt": "a kit"}, {"negative_prompt": "x"}, {"steps": 6}, {"guidance": 7.0},
+                    {"freescale": FreeScaleConfig(dilate_tau=30)}, {"vae_mode": "tiled"}, {"model": "toy"}):
+        assert render_id(request.with_(**changed), list(STAGES[:2]), "float32", "cpu") != same, changed
+    assert render_id(request, list(STAGES[:2]), "float16", "cpu") != same
+    assert render_id(request, list(STAGES[:2]), "float32", "cuda") != same
