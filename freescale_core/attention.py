@@ -77,6 +77,13 @@ def window_index(plan: WindowPlan, views: torch.Tensor, window: tuple[int, int],
     return flat.flatten(1).to(device)
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to `device` without making the host wait for the device (pinned, non-blocking)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def local_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, window: tuple[int, int],
     groups: list[torch.Tensor] | None = None, row_offset: int = 0,
@@ -90,11 +97,14 @@ def local_attention(
     batch, padded_tokens, heads, head_dim = q.shape
     total = q.new_zeros(batch, padded_tokens, heads * head_dim)
     count = q.new_zeros(padded_tokens)
-    for views in plan.groups() if groups is None else groups:
-        index = window_index(plan, views, window, q.device, row_offset)  # (V, n); disjoint windows within a group
-        flat = index.flatten()
-        gathered = [t[:, flat].unflatten(1, index.shape).flatten(0, 1) for t in (q, k, v)]
-        out = attend(*gathered).unflatten(0, (batch, len(views)))  # (B, V, n, heads·d)
+    groups = plan.groups() if groups is None else groups
+    # (V, n) per group; windows within a group are disjoint. Built on the host and sent in one copy: a
+    # blocking host-to-device copy per group would stall the launch queue 16 times per block on a GPU.
+    indices = [window_index(plan, views, window, "cpu", row_offset) for views in groups]
+    sent = to_device(torch.cat([index.flatten() for index in indices] or [torch.zeros(0, dtype=torch.long)]), q.device)
+    for index, flat in zip(indices, sent.split([index.numel() for index in indices])):
+        gathered = [t.index_select(1, flat).unflatten(1, index.shape).flatten(0, 1) for t in (q, k, v)]
+        out = attend(*gathered).unflatten(0, (batch, index.shape[0]))  # (B, V, n, heads·d)
         total.index_add_(1, flat, out.flatten(1, 2))
         count.index_add_(0, flat, torch.ones_like(flat, dtype=count.dtype))
     return total / count.clamp(min=1)[None, :, None]

@@ -26,6 +26,37 @@ def gaussian_kernel(size: int, sigma: float = 1.0) -> torch.Tensor:
 
 def blur_axis(x: torch.Tensor, axis: int, kernel: torch.Tensor) -> torch.Tensor:
     """Zero-padded 1-D convolution of `x` along `axis` (borders are not renormalised, as in the reference)."""
+    if shifted_sum_matches_conv(x):
+        return blur_axis_shifted(x, axis, kernel)
+    return blur_axis_conv(x, axis, kernel)
+
+
+def shifted_sum_matches_conv(x: torch.Tensor) -> bool:
+    """Where `blur_axis_shifted` gives the very bits of `blur_axis_conv`: fp32 on the CPU through oneDNN.
+
+    oneDNN's single-channel conv1d accumulates the taps in order, each with one fused multiply-add, from
+    zero; an in-place `add_(…, alpha=w)` per tap does the same. Other dtypes and devices keep the conv."""
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32
+        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    )
+
+
+def blur_axis_shifted(x: torch.Tensor, axis: int, kernel: torch.Tensor) -> torch.Tensor:
+    """The same 1-D convolution as k shifted multiply-adds in `x`'s own layout: no transposing copies,
+    no single-channel conv (which is slow on the CPU). Taps that fall into the zero padding are skipped."""
+    size, half = x.shape[axis], kernel.numel() // 2
+    out = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    for tap, weight in enumerate(kernel.to(x.dtype).tolist()):
+        offset = tap - half  # out[i] += weight · x[i + offset]
+        start, stop = max(0, -offset), min(size, size - offset)
+        if stop > start:
+            out.narrow(axis, start, stop - start).add_(x.narrow(axis, start + offset, stop - start), alpha=weight)
+    return out
+
+
+def blur_axis_conv(x: torch.Tensor, axis: int, kernel: torch.Tensor) -> torch.Tensor:
+    """The 1-D convolution as a single-channel conv1d over every line along `axis`."""
     moved = x.movedim(axis, -1)
     shape = moved.shape
     flat = moved.reshape(-1, 1, shape[-1])

@@ -18,12 +18,13 @@ from torch import nn
 def fourier_filter(x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
     """Scale the central (2·threshold)² block of the fftshifted spectrum by `scale` (in fp32)."""
     dtype = x.dtype
-    spectrum = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
     height, width = x.shape[-2:]
     mask = torch.ones(height, width, device=x.device)
     row, col = height // 2, width // 2
     mask[row - threshold : row + threshold, col - threshold : col + threshold] = scale
-    spectrum = torch.fft.ifftshift(spectrum * mask, dim=(-2, -1))
+    # ifftshift(fftshift(S) · mask) = S · ifftshift(mask): the same products, without two permuting
+    # copies of the whole complex spectrum.
+    spectrum = torch.fft.fftn(x.float(), dim=(-2, -1)) * torch.fft.ifftshift(mask)
     return torch.fft.ifftn(spectrum, dim=(-2, -1)).real.to(dtype)
 
 
@@ -61,11 +62,9 @@ def freeu(unet: nn.Module, b1: float, b2: float, s1: float, s2: float, skip_filt
                 return None
             backbone_scale, skip_scale = rule[backbone]
             x = args[0]
-            hidden, skip = x[:, :backbone], x[:, backbone:]
             half = backbone // 2
-            hidden = torch.cat([hidden[:, :half] * backbone_scale, hidden[:, half:]], dim=1)
-            skip = skip_filter(skip, 1, skip_scale)
-            return (torch.cat([hidden, skip], dim=1), *args[1:])
+            skip = skip_filter(x[:, backbone:], 1, skip_scale)
+            return (torch.cat([x[:, :half] * backbone_scale, x[:, half:backbone], skip], dim=1), *args[1:])
 
         return hook
 
