@@ -35,7 +35,7 @@ from torch import nn
 import freescale_core.attention as fs_attention
 from freescale_core import FreeScaleConfig, freescale_mode
 from freescale_core.attention import ScaleFusionProcessor
-from freescale_core.blur import BLUR_AXES, blur_axis_conv, blur_axis_shifted, gaussian_kernel, kernel_size, shifted_sum_matches_conv
+from freescale_core.blur import BLUR_AXES, blur_axis_conv, blur_axis_shifted, gaussian_kernel, kernel_size, uses_shifted_sum
 from freescale_core.cascade import scale_factors
 from freescale_core.dilation import dilated_convs
 from freescale_core.freeu import fourier_filter
@@ -100,7 +100,7 @@ def variants(unet: nn.Module, size: int, config: FreeScaleConfig, ablations: boo
     tau = config.dilate_tau
     rows = [
         ("plain", tau, nullcontext),
-        (f"FreeScale, dilated step (i=0)", 0, lambda: freescale_mode(unet, config, size=(size, size), step_index=0)),
+        ("FreeScale, dilated step (i=0)", 0, lambda: freescale_mode(unet, config, size=(size, size), step_index=0)),
         (f"FreeScale, plain-conv step (i={tau})", tau, lambda: freescale_mode(unet, config, size=(size, size), step_index=tau)),
     ]
     if ablations:
@@ -356,7 +356,7 @@ def blur_check(bench: Bench, record: Census, size: int, config: FreeScaleConfig,
     latent = size // bench.pipeline.vae_scale_factor
     device = unet.device
     print(f"\n#### Blur implementations, {size}x{size}, k={k}, {dtype}, {device} (fast path used here: "
-          f"{shifted_sum_matches_conv(torch.empty(0, dtype=dtype, device=device))})\n")
+          f"{uses_shifted_sum(torch.empty(0, dtype=dtype, device=device))})\n")
     print("| grid (B, H, W, C) | calls | conv1d ms | shifted ms | bitwise equal | max abs diff |")
     print("|---|---|---|---|---|---|")
     shapes = defaultdict(int)

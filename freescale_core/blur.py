@@ -26,20 +26,16 @@ def gaussian_kernel(size: int, sigma: float = 1.0) -> torch.Tensor:
 
 def blur_axis(x: torch.Tensor, axis: int, kernel: torch.Tensor) -> torch.Tensor:
     """Zero-padded 1-D convolution of `x` along `axis` (borders are not renormalised, as in the reference)."""
-    if shifted_sum_matches_conv(x):
+    if uses_shifted_sum(x):
         return blur_axis_shifted(x, axis, kernel)
     return blur_axis_conv(x, axis, kernel)
 
 
-def shifted_sum_matches_conv(x: torch.Tensor) -> bool:
-    """Where `blur_axis_shifted` gives the very bits of `blur_axis_conv`: fp32 on the CPU through oneDNN.
-
-    oneDNN's single-channel conv1d accumulates the taps in order, each with one fused multiply-add, from
-    zero; an in-place `add_(…, alpha=w)` per tap does the same. Other dtypes and devices keep the conv."""
-    return (
-        x.device.type == "cpu" and x.dtype == torch.float32
-        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-    )
+def uses_shifted_sum(x: torch.Tensor) -> bool:
+    """Where `blur_axis` uses the shifted multiply-adds: fp32 on the CPU, where the single-channel conv1d is
+    slow (on this machine's oneDNN both even give the same bits: taps in order, one fused multiply-add each,
+    from zero). fp16 would round at every tap, and GPUs have fast convs: those keep the conv."""
+    return x.device.type == "cpu" and x.dtype == torch.float32
 
 
 def blur_axis_shifted(x: torch.Tensor, axis: int, kernel: torch.Tensor) -> torch.Tensor:
