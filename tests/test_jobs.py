@@ -31,6 +31,7 @@ import tifffile
 import yaml
 
 from cluster.jobs import submission_id
+from polling import wait_until
 from ray_head import RAY, VENV_BIN, ray_head  # noqa: F401  (ray_head: the module's Ray head fixture)
 from renderer import render
 from renderer.cli import build_parser, request_from_args
@@ -101,17 +102,6 @@ class PlacementWatch:
                 f"--entrypoint-num-cpus {ENTRYPOINT_CPUS}: the workers' bundles ask for CPUs the entrypoint holds")
 
 
-def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
 # ---------------------------------------------------------------------------------------------- no Ray needed
 
 
@@ -177,7 +167,7 @@ def test_called_in_process_main_returns_143_and_puts_the_handlers_back(tmp_path,
     Progress.latest = None
 
     def stop_mid_stage() -> None:
-        wait_for(lambda: Progress.latest is not None and Progress.latest.done >= 1, 120, "a step", interval=0.05)
+        wait_until(lambda: Progress.latest is not None and Progress.latest.done >= 1, 120, "a step", interval=0.05)
         if signal.getsignal(signal.SIGTERM) is not before[0]:  # only ever into main's own handler
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -262,13 +252,13 @@ def test_ray_job_stop_ends_the_render_cleanly(ray_head, tmp_path):  # noqa: F811
         assert status in ("PENDING", "RUNNING"), status
         return "on 2 workers" in job(ray_head, "logs", sid, check=False).stdout
 
-    wait_for(sharded_stage_running, 240, "the sharded stage's bar in the job's log", interval=1)
+    wait_until(sharded_stage_running, 240, "the sharded stage's bar in the job's log", interval=1)
     job_id = ray_job_id(ray_head, sid)
     assert ray_list(ray_head, "actors", f"job_id={job_id}", "state=ALIVE", "class_name=GangWorker")
 
     started = time.monotonic()
     job(ray_head, "stop", sid, timeout=60)
-    wait_for(lambda: job_status(ray_head, sid) == "STOPPED", 30, "status STOPPED")
+    wait_until(lambda: job_status(ray_head, sid) == "STOPPED", 30, "status STOPPED")
     assert time.monotonic() - started < 30
 
     logs = job(ray_head, "logs", sid).stdout
@@ -277,13 +267,13 @@ def test_ray_job_stop_ends_the_render_cleanly(ray_head, tmp_path):  # noqa: F811
     assert "stopped by SIGTERM at stage 1 512x512 on 2 workers, step " in stop_lines[0]
     assert "Traceback" not in logs
     supervisor_log = ray_head.session_dir() / "logs" / "jobs" / f"supervisor-{sid}.log"
-    supervisor = wait_for(lambda: supervisor_log.is_file() and "terminated" in supervisor_log.read_text() and supervisor_log.read_text(),
+    supervisor = wait_until(lambda: supervisor_log.is_file() and "terminated" in supervisor_log.read_text() and supervisor_log.read_text(),
                           10, "the job supervisor's log")
     assert "terminated gracefully with SIGTERM" in supervisor and "SIGKILL" not in supervisor, supervisor
 
     assert leftovers(tmp_path) == []  # no output, no sidecar, no .long.tif.*.partial, no .pyramid-* scratch
-    wait_for(lambda: not ray_list(ray_head, "actors", f"job_id={job_id}", "state!=DEAD"), 20, "the job's actors to be dead")
-    wait_for(lambda: not ray_list(ray_head, "placement-groups", f"creator_job_id={job_id}", "state!=REMOVED"), 20,
+    wait_until(lambda: not ray_list(ray_head, "actors", f"job_id={job_id}", "state!=DEAD"), 20, "the job's actors to be dead")
+    wait_until(lambda: not ray_list(ray_head, "placement-groups", f"creator_job_id={job_id}", "state!=REMOVED"), 20,
              "the job's placement group to be removed")
 
 
@@ -333,7 +323,7 @@ def test_a_signal_stops_the_cli_cleanly(signum, workers, request, tmp_path):
     reader = StderrReader(process.stderr)
     try:
         marker = "on 2 workers" if workers else "stage 0 256x256"
-        wait_for(lambda: reader.contains(marker) or process.poll() is not None, 180, f"'{marker}' on stderr", interval=0.2)
+        wait_until(lambda: reader.contains(marker) or process.poll() is not None, 180, f"'{marker}' on stderr", interval=0.2)
         assert process.poll() is None, reader.finish()
         if signum == signal.SIGINT:
             os.killpg(process.pid, signum)  # Ctrl-C: the whole foreground process group
@@ -356,5 +346,5 @@ def test_a_signal_stops_the_cli_cleanly(signum, workers, request, tmp_path):
     assert "Traceback" not in stderr and stdout == ""
     assert leftovers(tmp_path) == []
     if head is not None:
-        wait_for(lambda: not ray_list(head, "actors", "class_name=GangWorker", "state!=DEAD"), 20, "the workers to be dead")
-        wait_for(lambda: not ray_list(head, "placement-groups", "state!=REMOVED"), 20, "the placement group to be removed")
+        wait_until(lambda: not ray_list(head, "actors", "class_name=GangWorker", "state!=DEAD"), 20, "the workers to be dead")
+        wait_until(lambda: not ray_list(head, "placement-groups", "state!=REMOVED"), 20, "the placement group to be removed")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from polling import wait_until
 from prometheus_server import free_port, prometheus_server
 from ray_head import ray_head  # noqa: F401  (the module's Ray head fixture, started only by the Ray test)
 from renderer import RenderRequest, render
@@ -40,17 +41,6 @@ def folder_bytes(folder: Path) -> int:
 
 def by_label(prom, expr: str, label: str) -> dict[str, float]:
     return {series["metric"].get(label, ""): float(series["value"][1]) for series in prom.query(expr)}
-
-
-def wait_until(condition, timeout: float, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s: {what()}")
-        time.sleep(0.5)
 
 
 # --- a render without Ray serves its own metrics -------------------------------------------------------------
