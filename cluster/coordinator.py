@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cluster.gang import GangResult, StageJob, run_job
+from cluster.gang import CheckpointSink, GangResult, StageJob, run_job
 from cluster.strips import init_process_group
 from renderer.errors import RenderError
 from renderer.metrics import NULL_METRICS, RenderMetrics
@@ -67,10 +67,11 @@ class GangWorker:
     def join(self, rank: int, world: int, address: str, backend: str, timeout_s: float) -> None:
         init_process_group(rank, world, address, backend, timeout_s)
 
-    def run(self, job: StageJob, queue, report_progress: bool = False, record_metrics: bool = False) -> GangResult:
+    def run(self, job: StageJob, queue, report_progress: bool = False, record_metrics: bool = False,
+            checkpoints: bool = False) -> GangResult:
         """Run the job; keep the final pixel strip here until `take_pixels`, return the rest.
 
-        Checkpoint rows go to the coordinator through `queue`; the rank with `report_progress` also reports
+        With `checkpoints`, checkpoint rows go to the coordinator through `queue`; the rank with `report_progress` also reports
         its stages and steps there. With `record_metrics`, this worker records its steps, bytes received and
         memory under its rank through `ray.util.metrics`."""
 
@@ -79,7 +80,8 @@ class GangWorker:
 
         progress = RelayProgress(queue) if report_progress else None
         metrics = RenderMetrics.ray() if record_metrics else NULL_METRICS
-        result, self.pixels = run_job(self.pipeline, job, progress=progress, checkpoint=hand_over, metrics=metrics)
+        result, self.pixels = run_job(self.pipeline, job, progress=progress, checkpoint=hand_over if checkpoints else None,
+                                      metrics=metrics)
         return result
 
     def free_memory(self) -> int:
@@ -194,7 +196,7 @@ class RelayProgress(Progress):
         self.queue.put(("advance",))
 
 
-def relay(queue, progress: Progress, on_checkpoint) -> None:
+def relay(queue, progress: Progress, on_checkpoint: CheckpointSink | None) -> None:
     """Replay what the workers reported: progress on the coordinator's bars, checkpoint rows to `on_checkpoint`."""
     for event in queue.get_nowait_batch(queue.qsize()):
         if event[0] == "stage":
@@ -320,7 +322,7 @@ class Gang:
         units = size[1] // 64  # 8-latent-row strip units at the usual VAE scale of 8
         return math.ceil(max(units, 1) / len(self.workers)) / max(units, 1)
 
-    def render(self, job: StageJob, progress: Progress, on_checkpoint) -> GangOutcome:
+    def render(self, job: StageJob, progress: Progress, on_checkpoint: CheckpointSink | None) -> GangOutcome:
         """Run the job; the whole final latents, the stage images and timings, and a summary for the sidecar."""
         results = self.run(job, progress, on_checkpoint)
         return GangOutcome(
@@ -335,7 +337,7 @@ class Gang:
             },
         )
 
-    def run(self, job: StageJob, progress: Progress, on_checkpoint) -> list[GangResult]:
+    def run(self, job: StageJob, progress: Progress, on_checkpoint: CheckpointSink | None) -> list[GangResult]:
         """Run the job on every worker; their results (without the final pixels) in rank order.
 
         Rank 0's stages and steps are shown on `progress` while the workers run; checkpoint rows from every
@@ -345,7 +347,7 @@ class Gang:
         from ray.util.queue import Queue
 
         queue = Queue()
-        pending = [worker.run.remote(job, queue, rank == 0, self.metrics.enabled)
+        pending = [worker.run.remote(job, queue, rank == 0, self.metrics.enabled, on_checkpoint is not None)
                    for rank, worker in enumerate(self.workers)]
         order = {ref: rank for rank, ref in enumerate(pending)}
         results: dict[int, GangResult] = {}

@@ -203,7 +203,7 @@ def run_stages(pipeline, job: StageJob, group=None, local: bool = False, progres
                 due = torch.tensor([float(cadence.due(done) if rows.rank == 0 else 0.0)])
                 if rows.sum(due).item() > 0:  # rank 0 decides, so every rank checkpoints the same steps
                     checkpoint(index, done, rows.span, current.float().cpu(), reference.float().cpu())
-                    cadence.taken(done)
+                    cadence.start(done)
 
             before = dict(received_bytes)
             with sharding(pipeline.unet, rows):

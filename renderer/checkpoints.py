@@ -126,30 +126,35 @@ class Cadence:
     last_time: float = 0.0
 
     def start(self, step: int) -> None:
+        """Count from `step`, now (a stage's first step, or a checkpoint just taken)."""
         self.last_step, self.last_time = step, time.monotonic()
 
     def due(self, step: int) -> bool:
         by_count = self.steps > 0 and step - self.last_step >= self.steps
         return by_count or time.monotonic() - self.last_time >= self.seconds
 
-    def taken(self, step: int) -> None:
-        self.start(step)
 
+class CheckpointWriter:
+    """Takes a checkpoint's rows from whoever holds them (one process: all rows at once; a gang: every
+    worker's strip) and writes the checkpoint once its strips cover every row. Used as a stage loop's
+    checkpoint sink: (stage, steps done, rows, latents, reference or None)."""
 
-class Assembler:
-    """Gathers the row strips of one checkpoint from every worker; whole once the strips cover all rows."""
-
-    def __init__(self) -> None:
+    def __init__(self, store: CheckpointStore, latent_heights: list[int], on_written=lambda: None):
+        self.store, self.heights, self.on_written = store, latent_heights, on_written
         self.pieces: dict[tuple[int, int], list[tuple[Span, torch.Tensor, torch.Tensor | None]]] = {}
 
-    def add(self, stage: int, step: int, span: Span, latents: torch.Tensor, reference: torch.Tensor | None,
-            height: int) -> Checkpoint | None:
+    def __call__(self, stage: int, step: int, span: Span, latents: torch.Tensor, reference: torch.Tensor | None) -> None:
         pieces = self.pieces.setdefault((stage, step), [])
         pieces.append((span, latents, reference))
-        if sum(stop - start for (start, stop), _, _ in pieces) < height:
-            return None
+        if sum(stop - start for (start, stop), _, _ in pieces) < self.heights[stage]:
+            return
         del self.pieces[(stage, step)]
         pieces.sort(key=lambda piece: piece[0][0])
         whole = torch.cat([piece[1] for piece in pieces], dim=2)
         reference = torch.cat([piece[2] for piece in pieces], dim=2) if pieces[0][2] is not None else None
-        return Checkpoint(stage, step, whole, reference)
+        self.store.write(Checkpoint(stage, step, whole, reference))
+        self.on_written()
+
+    def discard_partial(self) -> None:
+        """Forget strips of checkpoints a lost gang did not finish handing over."""
+        self.pieces.clear()

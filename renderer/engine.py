@@ -9,7 +9,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from cluster.jobs import submission_id
 from cluster.gang import StageJob, decode_strip, run_stages, stage_layout
 from cluster.strips import RowGroup
 from freescale_core.cascade import restart_index
-from renderer.checkpoints import Assembler, Checkpoint, CheckpointStore
+from renderer.checkpoints import Checkpoint, CheckpointStore, CheckpointWriter
 from renderer.errors import RenderError
 from renderer.identity import render_id
 from renderer.images import load_image, load_mask
@@ -28,7 +28,7 @@ from renderer.outputs import sidecar_path, stage_path, write_json, write_png
 from renderer.memory import available_memory, memory_limit, peak_memory
 from renderer.preflight import preflight
 from renderer.progress import Progress
-from renderer.request import RenderRequest, Size, format_size
+from renderer.request import RenderRequest, Size, first_sharded_stage, format_size
 from renderer.stages import encode, encode_prompts, generate_base, unscaled
 from renderer.tiff import TiffOptions, write_pyramid, write_preview
 from renderer.vae_bands import decode_rows, to_pixels
@@ -160,9 +160,8 @@ def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress,
     stage_images: dict[int, np.ndarray] = {}
     history: dict = {"render_id": identity, "resumed_from": None, "restarts": []}
 
-    def save(checkpoint: Checkpoint) -> None:
-        store.write(checkpoint)
-        metrics.checkpoint_written()
+    scale = pipeline.vae_scale_factor
+    writer = None if store is None else CheckpointWriter(store, [size[1] // scale for size in stages], metrics.checkpoint_written)
 
     def finished(seconds: dict[int, float]) -> None:
         stage_times.update(seconds)
@@ -179,7 +178,6 @@ def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress,
             config=config, transition_modes=transition_modes, final_mode=vae_mode, mask=mask, save_stages=request.save_stages,
             checkpoint_steps=request.checkpoint_every_steps, checkpoint_seconds=request.checkpoint_every_minutes * 60,
         )
-        write_checkpoint = None if store is None else lambda stage, step, span, latents, reference: save(Checkpoint(stage, step, latents, reference))
         if resumed is None:
             stage_start = time.perf_counter()
             if initial is None:
@@ -187,8 +185,8 @@ def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress,
                 latents = generate_base(pipeline, cond, (base[1], base[0]), request.steps, config, metrics.stepping(bar, 0, 0))
             else:
                 latents = encode(pipeline, initial.to(device), config.seed, stage=0)
-            if write_checkpoint is not None:
-                write_checkpoint(0, request.steps, (0, latents.shape[2]), latents.float().cpu(), None)
+            if writer is not None:
+                writer(0, request.steps, (0, latents.shape[2]), latents.float().cpu(), None)
             finished({0: time.perf_counter() - stage_start})
             job = replace(job, latents=latents.float().cpu())
         else:
@@ -198,7 +196,7 @@ def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress,
                      resumed.stage, format_size(stages[resumed.stage]))
         latents = job.latents
         if job.first < first_sharded:
-            run = run_stages(pipeline, replace(job, last=first_sharded), local=True, progress=bar, checkpoint=write_checkpoint,
+            run = run_stages(pipeline, replace(job, last=first_sharded), local=True, progress=bar, checkpoint=writer,
                              metrics=metrics)
             latents = run.latents.float().cpu()
             finished(dict(zip(range(job.first, first_sharded), run.seconds)))
@@ -206,8 +204,7 @@ def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress,
             job = replace(job, first=first_sharded, latents=latents, resume_step=None, reference=None)
         workers = {}
         if gang is not None:
-            gang, outcome = render_sharded(request, pipeline, job, gang, stack, store, bar, history["restarts"], metrics,
-                                           None if store is None else save)
+            gang, outcome = render_sharded(request, pipeline, job, gang, stack, store, writer, bar, history["restarts"], metrics)
             latents, workers = outcome.latents, outcome.summary
             stage_images.update(outcome.stage_images)
             finished(dict(zip(range(len(stages) - len(outcome.stage_seconds), len(stages)), outcome.stage_seconds)))
@@ -261,45 +258,34 @@ def missing_stage_images(pipeline, store: CheckpointStore | None, images: dict[i
 
 
 def render_sharded(request: RenderRequest, pipeline, job: StageJob, gang, stack: ExitStack, store: CheckpointStore | None,
-                   progress: Progress, restarts: list[dict], metrics: RenderMetrics, save: Callable[[Checkpoint], None] | None):
+                   writer: CheckpointWriter | None, progress: Progress, restarts: list[dict], metrics: RenderMetrics):
     """Run the job's stages on the gang; when a worker is lost, rebuild the gang (as many workers as the
     cluster still hosts, up to the same count) and go on from the newest checkpoint, at most
     --max-restarts times. Returns the gang that holds the final pixels, and its outcome."""
     from cluster.coordinator import WorkerLost
 
-    assembler = Assembler()
-
-    def on_checkpoint(stage: int, step: int, span, latents, reference) -> None:
-        height = job.stages[stage][1] // pipeline.vae_scale_factor
-        whole = assembler.add(stage, step, span, latents, reference, height)
-        if whole is not None and save is not None:
-            save(whole)
-
     while True:
         try:
-            return gang, gang.render(job, progress, on_checkpoint)
+            return gang, gang.render(job, progress, writer)
         except WorkerLost as error:
             gang.close()
             if len(restarts) >= request.max_restarts:
                 raise RenderError(f"{error}; gave up after {len(restarts)} restarts (--max-restarts {request.max_restarts})") from error
             checkpoint = store.newest() if store is not None else None
-            if checkpoint is not None and position(checkpoint.stage, checkpoint.step, job.steps) >= start_position(job):
+            if checkpoint is not None and start_position(resume_job(job, checkpoint)) >= start_position(job):
                 job = resume_job(job, checkpoint)
             workers = workers_for_restart(request, pipeline, job, len(gang.workers))
             restarts.append({"error": str(error), "workers_before": len(gang.workers), "workers_after": workers,
                              "resumed_from": {"stage": job.first, "step": job.resume_step}})
             log.warning("%s; restarting with %d workers from stage %d%s (restart %d of at most %d)", error, workers, job.first,
                         f" step {job.resume_step}" if job.resume_step is not None else "", len(restarts), request.max_restarts)
-            assembler = Assembler()
+            if writer is not None:
+                writer.discard_partial()
             gang = stack.enter_context(start_gang(replace(request, workers=workers), metrics))
 
 
-def position(stage: int, step: int, steps: int) -> tuple[int, int]:
-    """Where a checkpoint leaves a render, as (next stage, its next step index; 0: from its transition)."""
-    return (stage + 1, 0) if step >= steps else (stage, step)
-
-
 def start_position(job: StageJob) -> tuple[int, int]:
+    """Where a job starts: (its first stage, the step index it resumes at; 0: from the stage's transition)."""
     return (job.first, job.resume_step or 0)
 
 
@@ -338,23 +324,6 @@ def decode_modes(request: RenderRequest, pipeline, stages: list[Size], first_sha
         else:
             modes.append(choose_vae_mode(request, pipeline, size))
     return modes
-
-
-def first_sharded_stage(request: RenderRequest, stages: list[Size]) -> int:
-    """Index of the first stage the workers run: with --workers, the first upscaling stage with at least
-    --shard-from's pixels (default: every upscaling stage); len(stages) when none is sharded."""
-    if not request.workers:
-        return len(stages)
-    if request.shard_from is None:
-        return 1 if len(stages) > 1 else len(stages)
-    area = request.shard_from[0] * request.shard_from[1]
-    first = next((index for index, size in enumerate(stages[1:], start=1) if size[0] * size[1] >= area), None)
-    if first is None:
-        raise RenderError(
-            f"--shard-from {format_size(request.shard_from)} is larger than every upscaling stage "
-            f"({', '.join(format_size(size) for size in stages[1:]) or 'none'}); nothing would run on the workers"
-        )
-    return first
 
 
 def check_shardable(pipeline, stages: list[Size], config, workers: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from freescale_core.cascade import restart_index
 from renderer.errors import RenderError
 from renderer.memory import available_memory, process_memory
-from renderer.request import RenderRequest, Size, format_size
+from renderer.request import RenderRequest, Size, first_sharded_stage, format_size
 
 GiB = 2**30
 # The working sets below are in activations of the op's own size (tokens x width, or pixels x the VAE's
@@ -107,9 +107,8 @@ class Plan:
     unet_calls: int
     output_bytes: int  # uncompressed pixels of the pyramid: an upper bound for deflate
     checkpoint_bytes: int
-    coordinator: MemoryEstimate | None
+    coordinator: MemoryEstimate
     worker: MemoryEstimate | None = None
-    notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         lines = [
@@ -125,7 +124,7 @@ class Plan:
                     f"(process {estimate.baseline / GiB:.2f}, weights {estimate.weights / GiB:.2f}, "
                     f"UNet step {estimate.unet / GiB:.2f}, VAE {estimate.vae / GiB:.2f})"
                 )
-        return lines + self.notes
+        return lines
 
 
 def dtype_bytes(request: RenderRequest, device: str) -> int:
@@ -187,18 +186,16 @@ def preflight(request: RenderRequest) -> Plan | None:
     stages = request.plan(geometry)
     check_steps(request, shape.train_timesteps)
     check_inputs(request, stages[0])
-    sharded = request.workers > 0 and len(stages) > 1
-    first = 1 if sharded else len(stages)
-    coordinator_stages = stages[: max(first, 1)]
+    first = first_sharded_stage(request, stages)
     baseline = process_memory() + CPU_RUNTIME if not request.device.startswith("cuda") else 0
     plan = Plan(
         stages=stages, unet_calls=unet_calls(request, len(stages)), output_bytes=pyramid_bytes(stages[-1]),
         checkpoint_bytes=checkpoint_bytes(stages, shape),
-        coordinator=estimate(request, shape, coordinator_stages, request.device, baseline=baseline),
+        coordinator=estimate(request, shape, stages[: max(first, 1)], request.device, baseline=baseline),
     )
-    if sharded:
+    if first < len(stages):
         worker_device = "cuda" if request.gpus_per_worker != 0 and request.device.startswith("cuda") else "worker device"
-        plan.worker = estimate(request, shape, stages[1:], worker_device, share=1 / request.workers, baseline=baseline)
+        plan.worker = estimate(request, shape, stages[first:], worker_device, share=1 / request.workers, baseline=baseline)
     check_disk(request, plan)
     check_memory(request, plan)
     return plan
@@ -254,7 +251,7 @@ def check_disk(request: RenderRequest, plan: Plan) -> None:
 
 def check_memory(request: RenderRequest, plan: Plan) -> None:
     """Refuse a single-process plan whose estimate exceeds the device's memory, saying what would fit."""
-    if request.workers or plan.coordinator is None:
+    if request.workers:
         return
     device = torch.device(request.device)
     if device.type == "cuda":

@@ -251,3 +251,20 @@ def check_checkpoint_dir(folder: Path) -> None:
         raise RenderError(f"--checkpoint-dir {folder}: {existing} is not a folder; give a folder (it is created if its parent exists)")
     if not os.access(existing, os.W_OK):
         raise RenderError(f"--checkpoint-dir {folder}: {existing} is not writable")
+
+
+def first_sharded_stage(request: RenderRequest, stages: list[Size]) -> int:
+    """Index of the first stage the workers run: with --workers, the first upscaling stage with at least
+    --shard-from's pixels (default: every upscaling stage); len(stages) when none is sharded."""
+    if not request.workers:
+        return len(stages)
+    if request.shard_from is None:
+        return 1 if len(stages) > 1 else len(stages)
+    area = request.shard_from[0] * request.shard_from[1]
+    first = next((index for index, size in enumerate(stages[1:], start=1) if size[0] * size[1] >= area), None)
+    if first is None:
+        raise RenderError(
+            f"--shard-from {format_size(request.shard_from)} is larger than every upscaling stage "
+            f"({', '.join(format_size(size) for size in stages[1:]) or 'none'}); nothing would run on the workers"
+        )
+    return first

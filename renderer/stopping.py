@@ -135,7 +135,7 @@ def stopped_message(stop: StopSignals, request, started: float, prog: str = "fre
         for path in (Path(request.out), sidecar_path(request.out)):
             if path.exists() and path.stat().st_mtime >= started:
                 written.append(str(path))
-        folder = request.checkpoint_folder() if hasattr(request, "checkpoint_folder") else None
-        if folder is not None and folder.is_dir() and any(path.is_file() for path in folder.rglob("*")):
+        folder = request.checkpoint_folder()
+        if folder.is_dir() and any(path.is_file() for path in folder.rglob("*")):
             kept = f"checkpoints kept in {folder} (the same command resumes from them)"
     return stopped_line(prog, stop.signal_name or "a signal", bar.position() if bar is not None else None, written, kept)
