@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 LIBRARIES = r"(diffusers|transformers|huggingface_hub)(\.|$)"
@@ -58,12 +59,25 @@ def quiet_libraries() -> None:
         token_notice.addFilter(_DropMessages("Token authentication is enabled"))
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a line is logged, not the stream it was at set-up (which a
+    caller such as a test's capture may have closed since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _ignored) -> None:
+        pass
+
+
 def show_render_log(prog: str = "freescale-render") -> None:
     """The renderer's own notes (resumed from a checkpoint, a damaged checkpoint ignored, a lost worker
     replaced) as one line each on stderr."""
     log = logging.getLogger("freescale_poster")
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)

@@ -180,6 +180,25 @@ def test_called_in_process_main_returns_143_and_puts_the_handlers_back(tmp_path,
     assert captured.out == "" and leftovers(tmp_path) == []
 
 
+def test_the_render_log_writes_to_the_stderr_of_the_moment(monkeypatch):
+    """In-process callers (tests, notebooks) swap sys.stderr: a note logged after the stream that was current at
+    set-up has been closed goes to the new one, whole, instead of logging's "I/O operation on closed file"."""
+    import io
+    import logging
+
+    from renderer.console import show_render_log
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    show_render_log()
+    log = logging.getLogger("freescale_poster")
+    log.info("resumed from %s", "step 3")
+    first.close()
+    monkeypatch.setattr("sys.stderr", second)
+    log.info("resumed from %s", "step 4")
+    assert second.getvalue() == "freescale-render: resumed from step 4\n"
+
+
 # ---------------------------------------------------------------------------------------------- Ray Jobs
 
 

@@ -39,6 +39,12 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
 
 
+def scraped_once(prom, port: int) -> bool:
+    """Whether Prometheus has tried to scrape 127.0.0.1:`port` (it reports a zero time before its first try)."""
+    return any(target["labels"].get("instance") == f"127.0.0.1:{port}" and not target["lastScrape"].startswith("0001")
+               for target in prom.targets())
+
+
 def by_label(prom, expr: str, label: str) -> dict[str, float]:
     return {series["metric"].get(label, ""): float(series["value"][1]) for series in prom.query(expr)}
 
@@ -54,6 +60,9 @@ def test_prometheus_scrapes_a_single_process_render_on_its_metrics_port(tiny_pip
     request = request_from_args(build_parser().parse_args(args))
     job = {"job_name": "render", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
     with prometheus_server([job]) as prom:
+        # Prometheus finds a target up to 5 s after its start (discovery updates are throttled): wait until its
+        # scrape loop has run once (against a closed port), so that the 4 s linger spans about 4 scrapes.
+        wait_until(lambda: scraped_once(prom, port), 30, lambda: f"targets {prom.targets()}")
         render(request, pipeline=tiny_pipeline, progress=False, metrics=True)
 
         def last(expr: str) -> str:  # the target is gone (its series are stale): read the last samples
