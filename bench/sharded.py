@@ -7,6 +7,9 @@ halo rows × width × channels for convs, the other strips' K/V for global atten
 (taken from gathered K/V in the design), 2 tensors × min(k//2, 5) halo rows for the blur, 4 complex
 coefficients per channel for FreeU, 3 numbers per group for GroupNorm.
 
+An even worker count runs twice: with every worker on both guidance branches, and with the guidance split
+(`cluster.guidance`: halves of the gang on one branch each, partners swapping predictions).
+
     python bench/sharded.py --model tiny --stages 256x256,512x512,1024x1024 --steps 10 --workers 1,2,3
 """
 
@@ -60,16 +63,27 @@ def traced_shapes(pipeline, size: tuple[int, int], step_index: int) -> list[tupl
     return seen
 
 
-def design_estimate(pipeline, size: tuple[int, int], strips: list[tuple[int, int]], rank: int, step_index: int) -> dict[str, int]:
-    """Bytes rank `rank` receives in one UNet forward by the design's rules (fp32 activations here)."""
+def design_estimate(pipeline, size: tuple[int, int], strips: list[tuple[int, int]], rank: int, step_index: int,
+                    split: bool = False) -> dict[str, int]:
+    """Bytes rank `rank` receives in one UNet forward by the design's rules (fp32 activations here).
+
+    With the guidance `split`, the rank works among its branch's ranks on two merged strips with a batch of
+    1 (half of every traced shape's), and receives its partner's prediction of those rows once a step."""
     height = size[1] // 8
+    batch_share = 1
+    estimate = {"conv": 0, "ring": 0, "blur": 0, "sum": 0, "window": 0, "guidance": 0}
+    if split:
+        strips = [(strips[i][0], strips[i + 1][1]) for i in range(0, len(strips), 2)]
+        rank, batch_share = rank // 2, 0.5
+        start, stop = strips[rank]
+        estimate["guidance"] = 4 * (stop - start) * (size[0] // 8) * 4
     start, stop = strips[rank]
     above, below = rank > 0, rank + 1 < len(strips)
     scale = scale_factors((size[1], size[0]), pipeline.unet.config.sample_size * 8)
     blur_halo = min(kernel_size(scale) // 2, 5)
     element = 4
-    estimate = {"conv": 0, "ring": 0, "blur": 0, "sum": 0, "window": 0}
     for kind, facts, shape in traced_shapes(pipeline, size, step_index):
+        shape = (int(shape[0] * batch_share), *shape[1:])
         if kind == "conv":
             dilation, stride, padding, upsampler = facts
             batch, channels, rows, width = shape
@@ -92,16 +106,18 @@ def design_estimate(pipeline, size: tuple[int, int], strips: list[tuple[int, int
             estimate["blur"] += 2 * blur_halo * (above + below) * width * channels * batch * element
     rule = freeu_rule(pipeline.unet, 1, 1, 1, 1)
     skip_channels = sum(resnet.conv1.in_channels - backbone for resnet, backbone in backbone_channels(pipeline.unet).items() if backbone in rule)
-    estimate["sum"] += skip_channels * 2 * 4 * 8  # batch 2, 4 complex64 coefficients per channel
+    estimate["sum"] += int(skip_channels * 2 * batch_share * 4 * 8)  # batch 2, 4 complex64 coefficients per channel
+    if len(strips) == 1:  # a branch of one rank exchanges nothing inside the UNet
+        estimate = {kind: value if kind == "guidance" else 0 for kind, value in estimate.items()}
     return estimate
 
 
-def step_estimate(pipeline, size, strips, rank, steps: int, config: FreeScaleConfig) -> dict[str, int]:
+def step_estimate(pipeline, size, strips, rank, steps: int, config: FreeScaleConfig, split: bool = False) -> dict[str, int]:
     """The design estimate averaged over the stage's steps (dilated while step < dilate_tau)."""
     indices = range(restart_index(steps, config.restart_fraction), steps)
     dilated = sum(index < config.dilate_tau for index in indices)
-    with_dilation = design_estimate(pipeline, size, strips, rank, 0)
-    without = design_estimate(pipeline, size, strips, rank, config.dilate_tau)
+    with_dilation = design_estimate(pipeline, size, strips, rank, 0, split)
+    without = design_estimate(pipeline, size, strips, rank, config.dilate_tau, split)
     return {kind: (with_dilation[kind] * dilated + without[kind] * (len(indices) - dilated)) // len(indices) for kind in with_dilation}
 
 
@@ -120,18 +136,22 @@ def main() -> None:
     started = time.perf_counter()
     single = render(request, pipeline=pipeline, progress=False, write=False)
     rows = [{"workers": 0, "seconds": single.metadata["seconds"]["stages"][1:], "total": time.perf_counter() - started}]
-    for workers in (int(n) for n in args.workers.split(",")):
+    runs = [(workers, split) for workers in (int(n) for n in args.workers.split(",")) for split in (False, True)
+            if not split or workers % 2 == 0]
+    for workers, split in runs:
         started = time.perf_counter()
-        sharded = render(request.with_(workers=workers), pipeline=pipeline, progress=False, write=False)
+        sharded = render(request.with_(workers=workers, cfg_split=split), pipeline=pipeline, progress=False, write=False)
         info = sharded.metadata["workers"]
         strips = [tuple(s) for s in info["strips"]]
         final = stages[-1]
         rows.append({
-            "workers": workers, "seconds": sharded.metadata["seconds"]["stages"][1:], "total": time.perf_counter() - started,
+            "workers": workers, "cfg_split": split, "seconds": sharded.metadata["seconds"]["stages"][1:],
+            "total": time.perf_counter() - started,
             "peak_rss_mb": [round(b / 2**20) for b in info["peak_bytes"]], "strips": strips,
             "latent_max_abs_diff": float((sharded.latents - single.latents).abs().max()),
             "measured_step_bytes_final_stage": [stage_bytes[-1] for stage_bytes in info["step_bytes"]],
-            "design_step_bytes_final_stage": [step_estimate(pipeline, final, strips, rank, args.steps, FreeScaleConfig()) for rank in range(workers)],
+            "design_step_bytes_final_stage": [step_estimate(pipeline, final, strips, rank, args.steps, FreeScaleConfig(), split)
+                                              for rank in range(workers)],
         })
         print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,16 +163,21 @@ def print_table(rows: list[dict], stages) -> None:
     print(f"\nstages {' -> '.join(f'{w}x{h}' for w, h in stages)}; seconds per sharded stage (max over workers)")
     print("| workers | stage seconds | total s | peak RSS per worker (MB) | latent max abs diff vs 1 process |")
     print("|---|---|---|---|---|")
+    def label(row: dict) -> str:
+        return f"{row['workers']}{' split' if row.get('cfg_split') else ''}" if row["workers"] else "1 process"
+
     for row in rows:
-        print(f"| {row['workers'] or '1 process'} | {', '.join(f'{s:.1f}' for s in row['seconds'])} | {row['total']:.1f} | "
+        print(f"| {label(row)} | {', '.join(f'{s:.1f}' for s in row['seconds'])} | {row['total']:.1f} | "
               f"{row.get('peak_rss_mb', '')} | {row.get('latent_max_abs_diff', 0):.1e} |")
     print("\nbytes received per denoising step at the final stage, per worker: measured / design estimate (MB)")
-    print("| workers | rank | conv halos | K/V ring | blur halos | window rows | sums |")
-    print("|---|---|---|---|---|---|---|")
+    kinds = ("conv", "ring", "blur", "window", "sum", "guidance")
+    print("| workers | rank | conv halos | K/V ring | blur halos | window rows | sums | guidance | total |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows[1:]:
         for rank, (measured, design) in enumerate(zip(row["measured_step_bytes_final_stage"], row["design_step_bytes_final_stage"])):
-            cells = [f"{measured.get(kind, 0) / 1e6:.2f} / {design[kind] / 1e6:.2f}" for kind in ("conv", "ring", "blur", "window", "sum")]
-            print(f"| {row['workers']} | {rank} | " + " | ".join(cells) + " |")
+            cells = [f"{measured.get(kind, 0) / 1e6:.2f} / {design[kind] / 1e6:.2f}" for kind in kinds]
+            total = f"{sum(measured.get(kind, 0) for kind in kinds) / 1e6:.2f} / {sum(design.values()) / 1e6:.2f}"
+            print(f"| {label(row)} | {rank} | " + " | ".join(cells) + f" | {total} |")
 
 
 if __name__ == "__main__":

@@ -332,7 +332,7 @@ class Gang:
             stage_seconds=[max(seconds) for seconds in zip(*(result.seconds for result in results))],
             summary={
                 "count": len(self.workers), "backend": self.backend, "device": self.device, "first_stage": job.first,
-                "strips": [result.rows for result in results], "peak_bytes": [result.peak_bytes for result in results],
+                "strips": [result.rows for result in results], "cfg_split": job.cfg_split and len(self.workers) % 2 == 0, "peak_bytes": [result.peak_bytes for result in results],
                 "stage_seconds": [result.seconds for result in results], "step_bytes": [result.step_bytes for result in results],
             },
         )

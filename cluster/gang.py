@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from typing import Callable
 
 import numpy as np
 import torch
 
 from cluster import ops
+from cluster.guidance import GuidanceSplit, guidance_split
 from cluster.sharding import sharded_backend, sharding
 from cluster.strips import RowGroup, StripLayout, plan_strips, received_bytes
 from freescale_core import FreeScaleConfig
@@ -59,6 +62,7 @@ class StageJob:
     reference: torch.Tensor | None = None  # ... with its ẑ₀ (whole, CPU)
     checkpoint_steps: int = 0  # inside a stage: checkpoint every this many steps (0: not by count) ...
     checkpoint_seconds: float = math.inf  # ... or this many seconds
+    cfg_split: bool = False  # an even gang splits classifier-free guidance between its halves (`cluster.guidance`)
 
 
 @dataclass
@@ -159,12 +163,19 @@ def detail_scale(config: FreeScaleConfig, mask: torch.Tensor | None, rows: RowGr
 def run_stages(pipeline, job: StageJob, group=None, local: bool = False, progress: Progress | None = None,
                checkpoint: CheckpointSink | None = None, metrics: RenderMetrics = NULL_METRICS) -> StageRun:
     """Run the job's stages on this rank: `local` for one process holding every row (a group of one, whose
-    exchanges are no-ops), else as one rank of `group` (every rank calls this with the same job)."""
-    progress = progress or Progress(False)
+    exchanges are no-ops), else as one rank of `group` (every rank calls this with the same job). An even
+    gang splits classifier-free guidance between its halves if the job asks (`cluster.guidance`)."""
+    world = 1 if local else torch.distributed.get_world_size(group)
+    split = guidance_split(group) if job.cfg_split and world % 2 == 0 else nullcontext()
+    with split as guide, torch.inference_mode():
+        return stage_loop(pipeline, job, group, local, world, guide, progress or Progress(False), checkpoint, metrics)
+
+
+def stage_loop(pipeline, job: StageJob, group, local: bool, world: int, guide: GuidanceSplit | None, progress: Progress,
+               checkpoint: CheckpointSink | None, metrics: RenderMetrics) -> StageRun:
     device = pipeline.unet.device
     cond = job.cond.to(device)
     config = job.config
-    world = 1 if local else torch.distributed.get_world_size(group)
 
     def row_group(layout: StripLayout) -> RowGroup:
         return RowGroup(layout, group, local)
@@ -175,48 +186,56 @@ def run_stages(pipeline, job: StageJob, group=None, local: bool = False, progres
     latents = job.latents[:, :, rows.layout.rows(rows.rank)].to(device)
     run = StageRun(rows, latents, {}, [], [])
     cadence = Cadence(job.checkpoint_steps, job.checkpoint_seconds)
-    with torch.inference_mode():
-        for index in range(job.first, job.last):
-            started, exchanged = time.perf_counter(), dict(received_bytes)
-            size = job.stages[index]
-            if resuming and index == job.first:
-                reference = job.reference[:, :, rows.layout.rows(rows.rank)].to(device)
-                resume = (job.resume_step, latents)
-            else:
-                target = row_group(stage_layout(pipeline, size, config, world))
-                image = None
-                if config.upsample_space == "rgb" or job.save_stages:
-                    image = decode_strip(pipeline, rows, latents, job.transition_modes[index - 1])
-                if job.save_stages:
-                    run.stage_pixels[index - 1] = to_pixels(image)
-                reference = stage_reference(pipeline, rows, latents, image, target, size, config, index)
-                del image
-                rows, resume = target, None
-            alpha = detail_scale(config, job.mask, rows, size[0] // pipeline.vae_scale_factor, device)
-            begin = resume[0] if resume else restart_index(job.steps, config.restart_fraction)
-            progress.stage(f"stage {index} {size[0]}x{size[1]}" + (f" on {world} workers" if world > 1 else ""), job.steps - begin)
-            cadence.start(begin)
+    for index in range(job.first, job.last):
+        started, exchanged = time.perf_counter(), dict(received_bytes)
+        size = job.stages[index]
+        if resuming and index == job.first:
+            reference = job.reference[:, :, rows.layout.rows(rows.rank)].to(device)
+            resume = (job.resume_step, latents)
+        else:
+            target = row_group(stage_layout(pipeline, size, config, world))
+            image = None
+            if config.upsample_space == "rgb" or job.save_stages:
+                image = decode_strip(pipeline, rows, latents, job.transition_modes[index - 1])
+            if job.save_stages:
+                run.stage_pixels[index - 1] = to_pixels(image)
+            reference = stage_reference(pipeline, rows, latents, image, target, size, config, index)
+            del image
+            rows, resume = target, None
+        # The rows this rank denoises, and how its strip is taken from and given back to them.
+        if guide is None:
+            denoised, stage_cond, both_branches = rows, cond, None
+            into, back = (lambda x: x), (lambda x: x)
+        else:
+            denoised, stage_cond, both_branches = guide.branch_rows(rows), cond.branch(guide.branch), guide.both_branches
+            into = partial(guide.to_branch, rows)
+            back = partial(guide.to_strip, rows, denoised)
+        alpha = detail_scale(config, job.mask, denoised, size[0] // pipeline.vae_scale_factor, device)
+        begin = resume[0] if resume else restart_index(job.steps, config.restart_fraction)
+        progress.stage(f"stage {index} {size[0]}x{size[1]}" + (f" on {world} workers" if world > 1 else ""), job.steps - begin)
+        cadence.start(begin)
 
-            def after_step(done: int, current: torch.Tensor, index=index, reference=reference, rows=rows) -> None:
-                if checkpoint is None or done == job.steps:
-                    return
-                due = torch.tensor([float(cadence.due(done) if rows.rank == 0 else 0.0)])
-                if rows.sum(due).item() > 0:  # rank 0 decides, so every rank checkpoints the same steps
-                    checkpoint(index, done, rows.span, current.float().cpu(), reference.float().cpu())
-                    cadence.start(done)
+        def after_step(done: int, current: torch.Tensor, index=index, reference=reference, rows=rows, back=back) -> None:
+            if checkpoint is None or done == job.steps:
+                return
+            due = torch.tensor([float(cadence.due(done) if rows.rank == 0 else 0.0)])
+            if rows.sum(due).item() > 0:  # rank 0 decides, so every rank checkpoints the same steps
+                checkpoint(index, done, rows.span, back(current).float().cpu(), reference.float().cpu())
+                cadence.start(done)
 
-            before = dict(received_bytes)
-            with sharding(pipeline.unet, rows):
-                latents = upscale_stage(
-                    pipeline, cond, reference, (size[1], size[0]), index, job.steps, config, alpha,
-                    metrics.stepping(progress, index, rows.rank),
-                    backend=sharded_backend(rows), rows=rows.layout.rows(rows.rank), resume=resume, after_step=after_step,
-                )
-            run.step_bytes.append({kind: (total - before.get(kind, 0)) // (job.steps - begin) for kind, total in received_bytes.items()})
-            metrics.exchanged_all(rows.rank, received_since(exchanged))
-            if checkpoint is not None:
-                checkpoint(index, job.steps, rows.span, latents.float().cpu(), None)
-            run.seconds.append(time.perf_counter() - started)
+        before = dict(received_bytes)
+        with sharding(pipeline.unet, denoised):
+            latents = back(upscale_stage(
+                pipeline, stage_cond, into(reference), (size[1], size[0]), index, job.steps, config, alpha,
+                metrics.stepping(progress, index, rows.rank), backend=sharded_backend(denoised),
+                rows=denoised.layout.rows(denoised.rank), resume=None if resume is None else (resume[0], into(resume[1])),
+                after_step=after_step, both_branches=both_branches,
+            ))
+        run.step_bytes.append({kind: (total - before.get(kind, 0)) // (job.steps - begin) for kind, total in received_bytes.items()})
+        metrics.exchanged_all(rows.rank, received_since(exchanged))
+        if checkpoint is not None:
+            checkpoint(index, job.steps, rows.span, latents.float().cpu(), None)
+        run.seconds.append(time.perf_counter() - started)
     run.rows, run.latents = rows, latents
     return run
 

@@ -22,7 +22,8 @@ import torch.distributed as dist
 Span = tuple[int, int]  # [start, stop) in global rows
 
 # Bytes this process has received, by purpose: row fetches are labelled by their caller ("conv", "window",
-# "blur", "vae"), "ring" counts K/V blocks, "sum" all-reduced statistics (counted once at their size).
+# "blur", "vae", "guidance"), "ring" counts K/V blocks, "sum" all-reduced statistics (counted once at their
+# size), "guidance" also the partner's prediction of a guidance split (`cluster.guidance`).
 # Read by the benchmarks.
 received_bytes: dict[str, int] = defaultdict(int)
 
@@ -128,12 +129,12 @@ class RowGroup:
             start, stop = max(requests[other][0], own_start), min(requests[other][1], own_stop)
             if start < stop:
                 payload = self._wire(x.narrow(dim, start - own_start, stop - start).contiguous())
-                operations.append(dist.P2POp(dist.isend, payload, other, self.group))
+                operations.append(dist.P2POp(dist.isend, payload, group=self.group, group_peer=other))
             other_start, other_stop = layout.span(other)
             start, stop = max(want_start, other_start), min(want_stop, other_stop)
             if start < stop:
                 pieces[start] = self._wire(x.new_empty(with_rows(x, dim, stop - start)))
-                operations.append(dist.P2POp(dist.irecv, pieces[start], other, self.group))
+                operations.append(dist.P2POp(dist.irecv, pieces[start], group=self.group, group_peer=other))
         for request in dist.batch_isend_irecv(operations) if operations else []:
             request.wait()
         received_bytes[purpose] += sum(piece.numel() * piece.element_size() for piece in pieces.values())
@@ -171,8 +172,8 @@ class RowGroup:
                 source_start, source_stop = layout.span((self.rank - step - 1) % self.world)
                 incoming = self._wire(block.new_empty(with_rows(block, dim, source_stop - source_start)))
                 operations = [
-                    dist.P2POp(dist.isend, self._wire(current.contiguous()), (self.rank + 1) % self.world, self.group),
-                    dist.P2POp(dist.irecv, incoming, (self.rank - 1) % self.world, self.group),
+                    dist.P2POp(dist.isend, self._wire(current.contiguous()), group=self.group, group_peer=(self.rank + 1) % self.world),
+                    dist.P2POp(dist.irecv, incoming, group=self.group, group_peer=(self.rank - 1) % self.world),
                 ]
                 pending = dist.batch_isend_irecv(operations)
             yield current

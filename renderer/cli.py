@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the upscaling stages row-sharded on N Ray workers (GPU each if the cluster has them, else CPU); default 0: one process")
     add("--address", help="Ray cluster to join with --workers, e.g. ray://head:10001 or auto (default: start or join a local Ray)")
     add("--shard-from", help="with --workers: shard only stages with at least the pixels of this WxH (default: every upscaling stage)")
+    add("--no-cfg-split", action="store_true",
+        help="with an even --workers: keep both guidance branches on every worker (default: each half of the workers runs one)")
     add("--gpus-per-worker", type=float,
         help="GPUs each worker reserves: 1 (NCCL), a fraction to share a GPU (gloo), 0 for CPU workers (default: 1 if available)")
     add("--checkpoint-dir", type=Path, help="where checkpoints go (default: beside the output, OUT.checkpoints/)")
@@ -100,6 +102,7 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
         save_stages=args.save_stages, preview=args.preview, vae_mode=args.vae_mode, compression=args.compression,
         dpi=args.dpi, tile_size=args.tile_size, workers=args.workers, address=args.address,
         gpus_per_worker=args.gpus_per_worker, shard_from=parse_size(args.shard_from, "--shard-from") if args.shard_from else None,
+        cfg_split=not args.no_cfg_split,
         checkpoint_dir=args.checkpoint_dir, resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints,
         checkpoint_every_steps=args.checkpoint_every_steps, checkpoint_every_minutes=args.checkpoint_every_minutes,
         max_restarts=args.max_restarts, collective_timeout_s=args.collective_timeout,

@@ -177,6 +177,7 @@ def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress,
             cond=cond.to("cpu"), latents=torch.empty(0), stages=stages, first=1, last=len(stages), steps=request.steps,
             config=config, transition_modes=transition_modes, final_mode=vae_mode, mask=mask, save_stages=request.save_stages,
             checkpoint_steps=request.checkpoint_every_steps, checkpoint_seconds=request.checkpoint_every_minutes * 60,
+            cfg_split=request.cfg_split,
         )
         if resumed is None:
             stage_start = time.perf_counter()

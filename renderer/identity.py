@@ -16,7 +16,7 @@ PACKAGES = ("freescale_core", "renderer", "cluster")
 # Options that change where or how things run, or what is written beside the pixels, but not the pixels.
 NOT_PIXELS = {
     "out", "save_stages", "preview", "compression", "dpi", "tile_size", "workers", "address", "gpus_per_worker",
-    "shard_from", "checkpoint_dir", "resume", "keep_checkpoints", "checkpoint_every_steps", "checkpoint_every_minutes",
+    "shard_from", "cfg_split", "checkpoint_dir", "resume", "keep_checkpoints", "checkpoint_every_steps", "checkpoint_every_minutes",
     "max_restarts", "collective_timeout_s", "metrics_port", "metrics_addr", "metrics_linger_s", "model", "image",
     "mask", "device", "dtype",
 }

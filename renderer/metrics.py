@@ -53,7 +53,7 @@ PREFIX = "freescale_"
 RAY_PREFIX = "ray_"  # what Ray's metrics agent puts before every application metric
 
 OUTCOMES = ("succeeded", "failed", "stopped")
-EXCHANGE_KINDS = ("conv", "window", "blur", "vae", "resize", "ring", "sum")
+EXCHANGE_KINDS = ("conv", "window", "blur", "vae", "resize", "ring", "sum", "guidance")
 FAILURE_REASONS = ("lost", "timeout", "error")
 
 # From a 50 ms step of the tiny model on a GPU up to a four-hour 16K stage.

@@ -136,6 +136,7 @@ class RenderRequest:
     address: str | None = None  # Ray cluster to join with --workers (default: start or join a local one)
     gpus_per_worker: float | None = None  # default: 1 if the cluster has a GPU per worker, else CPU workers
     shard_from: Size | None = None  # with workers: shard stages with at least this many pixels (default: all upscaling stages)
+    cfg_split: bool = True  # an even number of workers splits classifier-free guidance between its halves
     checkpoint_dir: Path | None = None  # default: beside the output, `<out>.checkpoints/`
     resume: bool = True  # continue from the newest valid checkpoint of the same request
     keep_checkpoints: bool = False  # keep them after the output is complete

@@ -28,6 +28,11 @@ class Conditioning:
     def to(self, device) -> "Conditioning":
         return Conditioning(self.prompt_embeds.to(device), self.text_embeds.to(device), self.time_ids.to(device), self.guidance)
 
+    def branch(self, index: int) -> "Conditioning":
+        """One branch of the CFG batch (0: negative, 1: positive), for a rank of a guidance split."""
+        pick = slice(index, index + 1)
+        return Conditioning(self.prompt_embeds[pick], self.text_embeds[pick], self.time_ids[pick], self.guidance)
+
 
 def encode_prompts(pipeline: StableDiffusionXLPipeline, prompt: str, negative_prompt: str, base_hw: tuple[int, int], guidance: float) -> Conditioning:
     device, dtype = pipeline.unet.device, pipeline.unet.dtype
@@ -42,13 +47,21 @@ def encode_prompts(pipeline: StableDiffusionXLPipeline, prompt: str, negative_pr
     )
 
 
-def predict_noise(pipeline: StableDiffusionXLPipeline, scheduler, latents: torch.Tensor, timestep, cond: Conditioning) -> torch.Tensor:
-    """One CFG UNet call; latents are fp32, the UNet runs in its own dtype."""
-    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep).to(pipeline.unet.dtype)
+BothBranches = Callable[[torch.Tensor], torch.Tensor]  # one branch's prediction -> [negative, positive]
+
+
+def predict_noise(pipeline: StableDiffusionXLPipeline, scheduler, latents: torch.Tensor, timestep, cond: Conditioning,
+                  both_branches: BothBranches | None = None) -> torch.Tensor:
+    """One CFG UNet call; latents are fp32, the UNet runs in its own dtype. With `both_branches` (a rank of a
+    guidance split, `cluster.guidance`), `cond` is one branch and the other comes from the partner."""
+    batch = cond.prompt_embeds.shape[0]
+    model_input = scheduler.scale_model_input(torch.cat([latents] * batch), timestep).to(pipeline.unet.dtype)
     noise = pipeline.unet(
         model_input, timestep, encoder_hidden_states=cond.prompt_embeds,
         added_cond_kwargs={"text_embeds": cond.text_embeds, "time_ids": cond.time_ids},
     ).sample.float()
+    if both_branches is not None:
+        noise = both_branches(noise)
     negative, positive = noise.chunk(2)
     return negative + cond.guidance * (positive - negative)
 
@@ -82,14 +95,15 @@ def upscale_stage(
     pipeline, cond: Conditioning, reference: torch.Tensor, size_hw: tuple[int, int], stage: int, steps: int,
     config: FreeScaleConfig, alpha: float | torch.Tensor, progress: Progress, backend: Backend = LOCAL,
     rows: slice = slice(None), resume: tuple[int, torch.Tensor] | None = None,
-    after_step: Callable[[int, torch.Tensor], None] | None = None,
+    after_step: Callable[[int, torch.Tensor], None] | None = None, both_branches: BothBranches | None = None,
 ) -> torch.Tensor:
     """Denoise from the restart step toward `reference` (the encoded, upsampled previous stage).
 
     A row-sharded worker passes the latent `rows` it holds (reference and alpha are already those rows)
     and a sharded `backend`; the noise is drawn whole and sliced, so it never depends on the sharding.
     `resume` = (step index, latents after the step before it) continues a checkpointed stage (the Euler
-    update depends on the step index alone); `after_step(steps done, latents)` follows every step.
+    update depends on the step index alone); `after_step(steps done, latents)` follows every step;
+    `both_branches`: see `predict_noise`.
     """
     scheduler = fresh_scheduler(pipeline, steps)
     latent_shape = (1, reference.shape[1], size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
@@ -108,7 +122,7 @@ def upscale_stage(
             weight = weight.to(latents.device, latents.dtype)
         latents = (1 - weight) * latents + weight * noised(scheduler, reference, noise, index)
         with freescale_mode(pipeline.unet, config, size=size_hw, step_index=index, vae_scale=pipeline.vae_scale_factor, backend=backend):
-            prediction = predict_noise(pipeline, scheduler, latents, timestep, cond)
+            prediction = predict_noise(pipeline, scheduler, latents, timestep, cond, both_branches)
         latents = scheduler.step(prediction, timestep, latents).prev_sample
         if after_step is not None:
             after_step(index + 1, latents)

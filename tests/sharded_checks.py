@@ -245,3 +245,31 @@ def run_all(rank: int, world: int) -> Errors:
     errors.update(check_vae(rows, pipeline))
     errors.update(check_unet(rank, world, pipeline))
     return errors
+
+
+def split_stage_job(pipeline):
+    """A 256 -> 512 stage of the tiny model with a region mask and a checkpoint after every step: the job both
+    the guidance-split gang and the single process run."""
+    from cluster.gang import StageJob
+    from renderer.stages import encode_prompts
+
+    cond = encode_prompts(pipeline, "a red kite", "blurry", (256, 256), guidance=7.5)
+    layout = StripLayout((0, 8, 16, 24, 32))
+    latents = (structured((1, 4, 32, 32), layout) * 0.5).float()
+    mask = torch.zeros(1, 1, 256, 256)
+    mask[:, :, 40:200, 90:170] = 1
+    return StageJob(cond=cond, latents=latents, stages=[(256, 256), (512, 512)], first=1, last=2, steps=4,
+                    config=FreeScaleConfig(seed=5, cosine_scale_bg=0.5), transition_modes=["exact"], final_mode="exact",
+                    mask=mask, checkpoint_steps=1, cfg_split=True)
+
+
+def run_split_stage(rank: int, world: int) -> dict:
+    """This rank's part of `split_stage_job` with the guidance split: its rows, final latents, the checkpoint
+    rows it handed over and the bytes it received per step by kind."""
+    from cluster.gang import run_stages
+    from renderer.models import load_pipeline
+
+    pipeline = load_pipeline("tiny")
+    handed = []
+    run = run_stages(pipeline, split_stage_job(pipeline), checkpoint=lambda *args: handed.append(args))
+    return {"span": run.rows.span, "latents": run.latents, "checkpoints": handed, "step_bytes": run.step_bytes[0]}
