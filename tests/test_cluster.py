@@ -27,8 +27,8 @@ def mask_path(tmp_path_factory):
 
 
 def test_two_workers_write_the_single_process_render(ray_session, tiny_pipeline, tmp_path, mask_path, capsys):
-    """256 → 512 → 1024 (a 4× stage), mask and stage images on: the written poster equals the image rendered in one
-    process to 1 level, the final latents to 1e-4."""
+    """256 → 512 → 1024 (a 4× stage), mask and stage images on, the guidance split over the 2 workers: the written
+    poster equals the image rendered in one process to 1 level, the final latents to 1e-4."""
     args = ["--prompt", "a red kite", "--seed", "11", "--stages", "256x256,512x512,1024x1024", "--steps", "6",
             "--vae-mode", "exact", "--mask", str(mask_path), "--cosine-scale-bg", "0.5", "--save-stages", "--tile-size", "256"]
     single_request = request_from_args(build_parser().parse_args([*args, "--out", str(tmp_path / "single.tif")]))
@@ -44,6 +44,7 @@ def test_two_workers_write_the_single_process_render(ray_session, tiny_pipeline,
     assert np.abs(written.astype(int) - single.image).max() <= 1
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["workers"]["count"] == 2 and sidecar["workers"]["backend"] == "gloo"
+    assert sidecar["workers"]["cfg_split"] is True  # an even gang: one guidance branch per worker (cluster.guidance)
     assert sidecar["workers"]["strips"] == [[0, 64], [64, 128]]
     for index, expected in enumerate(single.stage_images):
         stage = np.asarray(Image.open(tmp_path / f"sharded.stage{index}-{['256x256', '512x512'][index]}.png"))
@@ -59,7 +60,7 @@ def test_three_workers_from_a_later_stage_tiled_vae_fast_mode(ray_session, tiny_
     sharded = render(request.with_(workers=3, shard_from=(1024, 1024)), pipeline=tiny_pipeline, progress=False, write=False)
     assert float((sharded.latents - single.latents).abs().max()) <= 1e-4
     assert np.abs(sharded.image.astype(int) - single.image).max() <= 1
-    assert sharded.metadata["workers"]["first_stage"] == 2
+    assert sharded.metadata["workers"]["first_stage"] == 2 and sharded.metadata["workers"]["cfg_split"] is False
     assert sharded.metadata["workers"]["strips"] == [(0, 48), (48, 96), (96, 128)]
     assert len(sharded.metadata["seconds"]["stages"]) == 3
 
