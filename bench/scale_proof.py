@@ -7,7 +7,7 @@ docs/benchmarks.md: the tiny model, 2 CPU workers, 4 steps (3 per upscaling stag
 attention on strided sub-grids, as the method offers for 8K) and the diffusers-tiled VAE.
 
     python bench/scale_proof.py                          # 8192x8192 on 2 CPU workers
-    python bench/scale_proof.py --size 16384 --steps 3
+    python bench/scale_proof.py --size 8192x4096
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ GiB = 2**30
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=8192)
+    parser.add_argument("--size", default="8192x8192", help="WxH")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--model", default="tiny")
@@ -35,7 +35,7 @@ def main() -> None:
     options = parser.parse_args()
     options.out.parent.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "renderer.cli", "--model", options.model, "--prompt", "a red kite over a blue lake",
-            "--seed", "1", "--size", f"{options.size}x{options.size}", "--steps", str(options.steps), "--workers",
+            "--seed", "1", "--size", options.size, "--steps", str(options.steps), "--workers",
             str(options.workers), "--quiet", "--no-resume", "--out", str(options.out), *options.extra.split()]
     print(" ".join(args[2:]), flush=True)
     plan = subprocess.run([*args, "--dry-run"], check=True, capture_output=True, text=True).stdout
@@ -52,7 +52,7 @@ def main() -> None:
     sidecar = json.loads(options.out.with_suffix(".json").read_text())
     stages, seconds = sidecar["stages"], sidecar["seconds"]["stages"]
     workers = sidecar["workers"]
-    print(f"\n{options.size}x{options.size}, {options.model}, {options.workers} CPU workers, {options.steps} steps, "
+    print(f"\n{options.size}, {options.model}, {options.workers} CPU workers, {options.steps} steps, "
           f"{options.extra}: {wall / 60:.1f} min in all, TIFF {options.out.stat().st_size / 2**20:.1f} MiB "
           f"(pyramid included)\n")
     print("| stage | where | seconds |")

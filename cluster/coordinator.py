@@ -89,6 +89,13 @@ class GangWorker:
 
         return available_memory(torch.device(self.device))
 
+    def memory_place(self) -> str:
+        """What this worker's memory is shared with: its GPU, or for a CPU worker its node."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        return f"GPU {ray.get_gpu_ids()} of node {node}" if self.device == "cuda" else f"node {node}"
+
     def take_pixels(self) -> np.ndarray:
         pixels, self.pixels = self.pixels, None
         return pixels
@@ -316,6 +323,25 @@ class Gang:
 
         return min(ray.get([worker.free_memory.remote() for worker in self.workers]))
 
+    def check_memory(self, need: int) -> None:
+        """Refuse, before any stage runs, a gang whose workers would need more than the memory they share:
+        `need` bytes each (the preflight's estimate beyond the loaded model), against what their GPU or
+        node has free, less the 5 % Ray's memory monitor keeps before it kills a worker."""
+        import ray
+
+        places = ray.get([worker.memory_place.remote() for worker in self.workers])
+        free = ray.get([worker.free_memory.remote() for worker in self.workers])
+        for place in set(places):
+            sharing = places.count(place)
+            available = min(f for p, f in zip(places, free) if p == place) * 0.95
+            if sharing * need > available:
+                fits = f"{int(available // need)} fit" if available >= need else "not one fits"
+                raise RenderError(
+                    f"--workers {len(self.workers)}: {sharing} of them share one {'GPU' if self.device == 'cuda' else 'node'} "
+                    f"and need about {sharing} x {need / 2**30:.1f} GiB beyond the model there, but it has "
+                    f"{available / 2**30:.1f} GiB free ({fits}); spread the workers over more nodes, or try --vae-mode tiled, "
+                    "--fast-mode or a smaller --size (--dry-run shows the estimate)")
+
     def largest_share(self, size: tuple[int, int]) -> float:
         """About the largest fraction of a stage's rows one worker holds (strips are whole units, so a little
         more than 1/N)."""
@@ -332,7 +358,8 @@ class Gang:
             stage_seconds=[max(seconds) for seconds in zip(*(result.seconds for result in results))],
             summary={
                 "count": len(self.workers), "backend": self.backend, "device": self.device, "first_stage": job.first,
-                "strips": [result.rows for result in results], "cfg_split": job.cfg_split and len(self.workers) % 2 == 0, "peak_bytes": [result.peak_bytes for result in results],
+                "strips": [result.rows for result in results], "cfg_split": job.cfg_split and len(self.workers) % 2 == 0,
+                "peak_bytes": [result.peak_bytes for result in results],
                 "stage_seconds": [result.seconds for result in results], "step_bytes": [result.step_bytes for result in results],
             },
         )
@@ -363,6 +390,10 @@ class Gang:
             self.metrics.worker_failed(failure_reason(error))
             if lost_worker(error):
                 raise WorkerLost(f"a worker was lost in the sharded stages: {failure(error)}") from error
+            if isinstance(error, ray.exceptions.OutOfMemoryError):  # a restart would only run out again
+                raise RenderError("a worker ran out of memory in the sharded stages (Ray's memory monitor stopped it); "
+                                  "spread the workers over more nodes, or try --vae-mode tiled, --fast-mode or a smaller "
+                                  "--size (--dry-run shows the estimate)") from error
             raise RenderError(f"a worker failed in the sharded stages: {failure(error)}") from error
         finally:
             queue.shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -96,15 +97,22 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     return out, lse
 
 
-def ring_attention(rows: RowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+# Called with (the rank a K/V block comes from, its keys, its values), each (N, heads, L, d), as it passes.
+BlockSeen = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def ring_attention(rows: RowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: BlockSeen | None = None) -> torch.Tensor:
     """Exact attention of this strip's queries over the keys of all strips; (N, L, heads, d) → (N, L, heads·d).
 
     K/V blocks travel around the ring; each partial (o, lse) is merged in fp32 with
-    o ← o − σ(lse_b − lse)(o − o_b), lse ← lse + softplus(lse_b − lse) (design §3)."""
+    o ← o − σ(lse_b − lse)(o − o_b), lse ← lse + softplus(lse_b − lse) (design §3). `seen` is shown every
+    other rank's block (scale fusion takes its window rows from them)."""
     q, packed = q.transpose(1, 2), torch.cat([k, v], dim=-1).transpose(1, 2)  # (N, heads, L, d), (N, heads, L, 2d)
     out = lse = None
-    for block in rows.ring(packed.contiguous(), dim=2):
+    for step, block in enumerate(rows.ring(packed.contiguous(), dim=2)):
         block_k, block_v = block.chunk(2, dim=-1)
+        if seen is not None and step:
+            seen((rows.rank - step) % rows.world, block_k, block_v)
         block_out, block_lse = attention_with_lse(q, block_k, block_v)
         if out is None:
             out, lse = block_out, block_lse

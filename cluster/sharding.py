@@ -20,7 +20,7 @@ from diffusers.models.downsampling import Downsample2D
 from torch import nn
 
 from cluster import ops
-from cluster.strips import RowGroup
+from cluster.strips import RowGroup, Span, StripLayout
 from freescale_core.attention import ScaleFusionProcessor, StageGeometry, local_attention, project, strided_global_attention
 from freescale_core.blur import kernel_size
 from freescale_core.mode import LOCAL, Backend
@@ -44,30 +44,72 @@ class ShardedScaleFusion(ScaleFusionProcessor):
             raise ValueError(f"{tokens} tokens are not a strip of the {self.geometry.latent} latent's grids")
         return (height // downsample, width // downsample), own_rows, downsample
 
-    def local_branch(self, attn: Attention, hidden: torch.Tensor, plan: WindowPlan, window: tuple[int, int]):
-        """Every window that touches this strip, computed whole from the rows it covers (fetched from their
-        owners, zeros in the padding); only the strip's own rows of the result are kept."""
-        pad_h, pad_w = plan.rows.jitter, plan.cols.jitter
-        layout = self.rows.layout_for(hidden.shape[1])
-        tops = plan.starts_h - pad_h  # window rows in unpadded coordinates: [tops, tops + window[0])
+    def window_rows(self, plan: WindowPlan, window: tuple[int, int], layout: StripLayout) -> tuple[list[Span], list[torch.Tensor]]:
+        """Per rank: the rows (unpadded, may reach into the padding) that the windows touching its strip
+        cover, and its groups of those windows (in the plan's group order)."""
+        tops = plan.starts_h - plan.rows.jitter  # window rows in unpadded coordinates: [tops, tops + window[0])
         touching = [(tops < stop) & (tops + window[0] > start) for start, stop in (layout.span(r) for r in range(self.rows.world))]
-        requests = [(int(tops[mask].min()), int(tops[mask].max()) + window[0]) for mask in touching]
-        slab_start = requests[self.rows.rank][0]
-        slab = F.pad(self.rows.fetch(hidden, 1, requests, "window"), (0, 0, pad_w, pad_w))
-        q, k, v = project(attn, slab.flatten(1, 2))
+        spans = [(int(tops[mask].min()), int(tops[mask].max()) + window[0]) for mask in touching]
         mine = touching[self.rows.rank]
         groups = [views[mine[views]] for views in plan.groups()]
-        local = local_attention(q, k, v, plan, window, [views for views in groups if len(views)], slab_start + pad_h)
-        start, stop = layout.span(self.rows.rank)
+        return spans, [views for views in groups if len(views)]
 
-        def own_rows(t: torch.Tensor) -> torch.Tensor:
-            grid = t.unflatten(1, slab.shape[1:3])
-            return grid[:, start - slab_start : stop - slab_start, pad_w : pad_w + hidden.shape[2]].flatten(1, 2)
+    def windows_on_slab(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, window: tuple[int, int],
+                        groups: list[torch.Tensor], slab: Span, own: Span, width: int) -> torch.Tensor:
+        """The strip's own rows of the window attention, from q/k/v (B, rows, padded W, heads, d) of the
+        slab's rows."""
+        pad_w = plan.cols.jitter
+        local = local_attention(*(t.flatten(1, 2) for t in (q, k, v)), plan, window, groups, slab[0] + plan.rows.jitter)
+        rows = local.unflatten(1, q.shape[1:3])[:, own[0] - slab[0] : own[1] - slab[0], pad_w : pad_w + width]
+        return rows.flatten(1, 2)
 
-        return own_rows(local), (own_rows(q), own_rows(k), own_rows(v))
+    def branches(self, attn: Attention, hidden: torch.Tensor, plan: WindowPlan, window: tuple[int, int]):
+        """Global attention around the ring; the windows take the K/V rows they need from the blocks that pass
+        (the padding's K/V is the projection of a zero token), so no rows are fetched for them. Queries
+        outside the strip are left zero: their outputs are dropped, and no other row depends on them."""
+        if self.geometry.fast_mode:  # the ring passes sub-grids there, not rows
+            return super().branches(attn, hidden, plan, window)
+        batch, rows, width, channels = hidden.shape
+        layout = self.rows.layout_for(rows)
+        spans, groups = self.window_rows(plan, window, layout)
+        slab, own = spans[self.rows.rank], layout.span(self.rows.rank)
+        q, k, v = project(attn, hidden.flatten(1, 2))
+        heads, head_dim = q.shape[2:]
+        _, zero_k, zero_v = project(attn, hidden.new_zeros(1, 1, channels))
+        pad_w = plan.cols.jitter
+        shape = (batch, slab[1] - slab[0], width + 2 * pad_w, heads, head_dim)
+        slab_q = q.new_zeros(shape)
+        slab_k, slab_v = (zero.view(1, 1, 1, heads, head_dim).expand(shape).clone() for zero in (zero_k, zero_v))
 
-    def global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return ops.ring_attention(self.rows, q, k, v)
+        def place(targets: tuple[torch.Tensor, ...], sources: tuple[torch.Tensor, ...], span: Span) -> None:
+            """The slab's rows among `span`'s, from `sources` (B, tokens, heads, d) holding rows `span`."""
+            start, stop = max(span[0], slab[0]), min(span[1], slab[1])
+            for target, source in zip(targets, sources if start < stop else ()):
+                rows_of_source = source.unflatten(1, (-1, width))[:, start - span[0] : stop - span[0]]
+                target[:, start - slab[0] : stop - slab[0], pad_w : pad_w + width] = rows_of_source
+
+        place((slab_q, slab_k, slab_v), (q, k, v), own)
+        global_ = ops.ring_attention(self.rows, q, k, v, seen=lambda source, block_k, block_v: place(
+            (slab_k, slab_v), (block_k.transpose(1, 2), block_v.transpose(1, 2)), layout.span(source)))
+        return self.windows_on_slab(slab_q, slab_k, slab_v, plan, window, groups, slab, own, width), global_
+
+    def local_branch(self, attn: Attention, hidden: torch.Tensor, plan: WindowPlan, window: tuple[int, int]):
+        """Every window that touches this strip, computed whole from the rows it covers (fetched from their
+        owners, zeros in the padding); only the strip's own rows of the result are kept. (Fast mode; other
+        steps take the rows from the ring, see `branches`.)"""
+        pad_w = plan.cols.jitter
+        layout = self.rows.layout_for(hidden.shape[1])
+        spans, groups = self.window_rows(plan, window, layout)
+        slab = F.pad(self.rows.fetch(hidden, 1, spans, "window"), (0, 0, pad_w, pad_w))
+        q, k, v = project(attn, slab.flatten(1, 2))
+        own, span = layout.span(self.rows.rank), spans[self.rows.rank]
+        grids = [t.unflatten(1, slab.shape[1:3]) for t in (q, k, v)]
+        local = self.windows_on_slab(*grids, plan, window, groups, span, own, hidden.shape[2])
+
+        def own_rows(grid: torch.Tensor) -> torch.Tensor:
+            return grid[:, own[0] - span[0] : own[1] - span[0], pad_w : pad_w + hidden.shape[2]].flatten(1, 2)
+
+        return local, tuple(own_rows(grid) for grid in grids)
 
     def strided_global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return strided_global_attention(q, k, v, grid, self.geometry.scale, partial(ops.ring_attention, self.rows))

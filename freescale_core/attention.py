@@ -130,8 +130,9 @@ def strided_global_attention(q, k, v, grid: tuple[int, int], scale: tuple[int, i
 class ScaleFusionProcessor:
     """Replaces the processor of one `attn1`; `block_index` keys its window-jitter stream.
 
-    The three branches (local windows, global attention, blur) are methods, so that a row-sharded variant
-    (`cluster.sharding`) can replace how each one reaches beyond its rows and keep everything else.
+    The branches (local windows and global attention together, and the blur) are methods, so that a
+    row-sharded variant (`cluster.sharding`) can replace how each one reaches beyond its rows and keep
+    everything else.
     """
 
     def __init__(self, geometry: StageGeometry, block_index: int):
@@ -149,11 +150,7 @@ class ScaleFusionProcessor:
             grid, window, geometry.window_jitter, geometry.seed,
             key=(geometry.size_px, geometry.step_index, self.block_index),
         )
-        local, (q, k, v) = self.local_branch(attn, hidden_states.view(batch, rows, grid[1], channels), plan, window)
-        if geometry.fast_mode:
-            global_ = self.strided_global_branch(q, k, v, (rows, grid[1]))
-        else:
-            global_ = self.global_branch(q, k, v)
+        local, global_ = self.branches(attn, hidden_states.view(batch, rows, grid[1], channels), plan, window)
         local, global_ = (attn.to_out[1](attn.to_out[0](t.to(hidden_states.dtype))) for t in (local, global_))
         low_frequency_correction = self.blur((local - global_).view(batch, rows, grid[1], channels))
         fused = global_ + low_frequency_correction.flatten(1, 2)
@@ -165,6 +162,13 @@ class ScaleFusionProcessor:
         """The block's whole token grid, how many of its rows this process holds, and its downsampling."""
         grid, downsample = self.geometry.grid_for(tokens)
         return grid, grid[0], downsample
+
+    def branches(self, attn: Attention, hidden: torch.Tensor, plan: WindowPlan, window: tuple[int, int]):
+        """The local and global branches' attention (before `to_out`) for the rows of `hidden` (B, rows, W, C)."""
+        local, (q, k, v) = self.local_branch(attn, hidden, plan, window)
+        if self.geometry.fast_mode:
+            return local, self.strided_global_branch(q, k, v, hidden.shape[1:3])
+        return local, self.global_branch(q, k, v)
 
     def local_branch(self, attn: Attention, hidden: torch.Tensor, plan: WindowPlan, window: tuple[int, int]):
         """Window attention for the rows of `hidden` (B, rows, W, C), and the rows' own q, k, v."""

@@ -26,7 +26,7 @@ from renderer.metrics import NULL_METRICS, RenderMetrics, metrics_for
 from renderer.models import load_pipeline, model_geometry
 from renderer.outputs import sidecar_path, stage_path, write_json, write_png
 from renderer.memory import available_memory, memory_limit, peak_memory
-from renderer.preflight import preflight
+from renderer.preflight import preflight, worker_need
 from renderer.progress import Progress
 from renderer.request import RenderRequest, Size, first_sharded_stage, format_size
 from renderer.stages import encode, encode_prompts, generate_base, unscaled
@@ -337,13 +337,21 @@ def check_shardable(pipeline, stages: list[Size], config, workers: int) -> None:
 
 
 def start_gang(request: RenderRequest, metrics: RenderMetrics = NULL_METRICS):
-    """Reserve and start the workers (before any rendering, so a cluster that cannot host them fails fast)."""
+    """Reserve and start the workers, and check that they have the memory the plan needs (before any
+    rendering, so a cluster that cannot host them fails fast)."""
     from cluster.coordinator import Gang, GangSpec
 
-    return Gang(GangSpec(
+    gang = Gang(GangSpec(
         workers=request.workers, model=request.model, model_config=request.model_config, dtype=request.dtype,
         address=request.address, gpus_per_worker=request.gpus_per_worker, collective_timeout_s=request.collective_timeout_s,
     ), metrics)
+    try:
+        if (need := worker_need(request)) is not None:
+            gang.check_memory(need)
+    except BaseException:
+        gang.close()
+        raise
+    return gang
 
 
 def denoising_plan(stages: list[Size], steps: int, restart_fraction: float, base: bool) -> dict[int, tuple[int, int]]:

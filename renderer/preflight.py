@@ -29,8 +29,10 @@ ATTENTION_WORKSET = 28
 # The banded exact decode: a resnet's input, normed, conv and shortcut bands at once, and the last
 # upsampler's nearest-upsampled input, all at full resolution.
 DECODE_WORKSET = 6
-# A VAE encode of the whole upsampled image: the first block's input, output and temporaries at full size.
-ENCODE_WORKSET = 4
+# A VAE encode of the whole upsampled image: the first block's input, output and temporaries at full size
+# (measured 4.25); on a worker's strip 5.33, as every 3x3 conv first copies its input with the halo rows.
+ENCODE_WORKSET = 4.5
+SHARDED_ENCODE_WORKSET = 5.5
 # A CPU process holds this much more once it runs than when the preflight measures it (loaded pipeline
 # objects, allocator caches, kernel workspaces; measured as above). CUDA's own context is not counted,
 # as the GPU figures compare with torch's peak allocation.
@@ -150,7 +152,8 @@ def unet_activation_bytes(unet: dict, latent_hw: tuple[float, float], itemsize: 
 def vae_bytes(vae: dict, size: Size, previous: Size | None, mode: str, itemsize: int, share: float = 1.0) -> int:
     """The larger of the stage's encode (its whole upsampled image; a worker its strip) and its decode."""
     pixels = size[0] * size[1] * share
-    encode = ENCODE_WORKSET * pixels * vae["block_out_channels"][0] * itemsize if previous is not None else 0
+    workset = ENCODE_WORKSET if share == 1 else SHARDED_ENCODE_WORKSET
+    encode = workset * pixels * vae["block_out_channels"][0] * itemsize if previous is not None else 0
     if mode == "tiled":
         tile = vae.get("sample_size", 512)
         tile = tile[0] if isinstance(tile, (list, tuple)) else tile
@@ -199,6 +202,19 @@ def preflight(request: RenderRequest) -> Plan | None:
     check_disk(request, plan)
     check_memory(request, plan)
     return plan
+
+
+def worker_need(request: RenderRequest) -> int | None:
+    """Bytes each gang worker allocates beyond its loaded model at its largest step or VAE op, or None where
+    the model's configs cannot be read cheaply."""
+    shape = model_shape(request.model)
+    if shape is None:
+        return None
+    from renderer.models.loading import geometry_from_config
+
+    stages = request.plan(geometry_from_config(shape.unet["sample_size"], shape.vae["block_out_channels"], shape.unet["block_out_channels"]))
+    worker = estimate(request, shape, stages[first_sharded_stage(request, stages):], request.device, share=1 / request.workers)
+    return max(worker.unet, worker.vae) + (CPU_RUNTIME if not request.device.startswith("cuda") else 0)
 
 
 def unet_calls(request: RenderRequest, stages: int) -> int:
