@@ -8,6 +8,7 @@ attention on strided sub-grids, as the method offers for 8K) and the diffusers-t
 
     python bench/scale_proof.py                          # 8192x8192 on 2 CPU workers
     python bench/scale_proof.py --size 8192x4096
+    python bench/scale_proof.py --workers 0                # 8192x8192 in one process
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ def main() -> None:
     args = [sys.executable, "-m", "renderer.cli", "--model", options.model, "--prompt", "a red kite over a blue lake",
             "--seed", "1", "--size", options.size, "--steps", str(options.steps), "--workers",
             str(options.workers), "--quiet", "--no-resume", "--out", str(options.out), *options.extra.split()]
+    where = f"{options.workers} CPU workers" if options.workers else "one process"
     print(" ".join(args[2:]), flush=True)
     plan = subprocess.run([*args, "--dry-run"], check=True, capture_output=True, text=True).stdout
     print(plan, flush=True)
     coordinator_estimate = float(re.search(r"peak memory, coordinator \(\S+\): ([\d.]+) GiB", plan).group(1))
-    worker_estimate = float(re.search(r"peak memory, each worker \(.*?\): ([\d.]+) GiB", plan).group(1))
+    worker_estimate = re.search(r"peak memory, each worker \(.*?\): ([\d.]+) GiB", plan)
 
     started = time.perf_counter()
     process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
@@ -51,22 +53,22 @@ def main() -> None:
         raise SystemExit(f"render failed ({status}): {process.stderr.read()}")
     sidecar = json.loads(options.out.with_suffix(".json").read_text())
     stages, seconds = sidecar["stages"], sidecar["seconds"]["stages"]
-    workers = sidecar["workers"]
-    print(f"\n{options.size}, {options.model}, {options.workers} CPU workers, {options.steps} steps, "
+    workers = sidecar.get("workers", {"first_stage": len(stages), "peak_bytes": []})
+    print(f"\n{options.size}, {options.model}, {where}, {options.steps} steps, "
           f"{options.extra}: {wall / 60:.1f} min in all, TIFF {options.out.stat().st_size / 2**20:.1f} MiB "
           f"(pyramid included)\n")
     print("| stage | where | seconds |")
     print("|---|---|---|")
     for index, (stage, duration) in enumerate(zip(stages, seconds)):
-        where = f"{workers['count']} workers" if index >= workers["first_stage"] else "coordinator"
-        print(f"| {stage} | {where} | {duration:.0f} |")
-    print(f"| writing (final decode streamed into the TIFF) | workers → coordinator | "
+        ran = f"{workers['count']} workers" if index >= workers["first_stage"] else "coordinator"
+        print(f"| {stage} | {ran} | {duration:.0f} |")
+    print(f"| writing (final decode streamed into the TIFF) | {'workers → coordinator' if options.workers else 'coordinator'} | "
           f"{sidecar['seconds']['total'] - sum(seconds):.0f} |")
     print("\n| process | peak RSS | preflight estimate |")
     print("|---|---|---|")
     print(f"| coordinator | {usage.ru_maxrss * 1024 / GiB:.2f} GiB | {coordinator_estimate:.2f} GiB |")
     for rank, peak in enumerate(workers["peak_bytes"]):
-        print(f"| worker {rank} (rows {workers['strips'][rank]}) | {peak / GiB:.2f} GiB | {worker_estimate:.2f} GiB |")
+        print(f"| worker {rank} (rows {workers['strips'][rank]}) | {peak / GiB:.2f} GiB | {float(worker_estimate.group(1)):.2f} GiB |")
 
 
 if __name__ == "__main__":
