@@ -75,7 +75,7 @@ def main() -> None:
     per_flop, rest_2048 = fit_rates(measured)
     print(f"fit: global attention at {1 / per_flop / 1e12:.0f} TFLOP/s effective; the rest {rest_2048:.3f} s per "
           f"forward at 2048², growing with the pixels\n")
-    print(f"| size | GPUs | layout | compute s/step | received GB/step | "
+    print("| size | GPUs | layout | compute s/step | received GB/step | "
           + " | ".join(f"comm s/step on {name}" for name in links) + " | 35-step stage (min), "
           + ", ".join(links) + " |")
     print("|---|---|---|---|---|" + "---|" * len(links) + "---|")
