@@ -35,8 +35,8 @@ from renderer.images import mask_at
 from renderer.memory import memory_limit, peak_memory
 from renderer.metrics import NULL_METRICS, RenderMetrics
 from renderer.progress import Progress
-from renderer.stages import Conditioning, encode, unscaled, upscale_stage
-from renderer.vae_bands import decode_rows, decode_tiled, tile_grid, to_pixels
+from renderer.stages import Conditioning, encode, sample_latents, unscaled, upscale_stage
+from renderer.vae_bands import decode_rows, decode_tiled, encode_tile_grid, encode_tiled, tile_grid, to_pixels
 
 STRIP_UNIT = 8  # latent rows: whole rows at the UNet's ¼ grid, even rows at its ½ grid (design §A.1)
 
@@ -139,15 +139,38 @@ def decode_strip(pipeline, rows: RowGroup, latents: torch.Tensor, mode: str) -> 
 
 
 def stage_reference(pipeline, previous: RowGroup, latents: torch.Tensor, image: torch.Tensor | None, rows: RowGroup,
-                    size: tuple[int, int], config: FreeScaleConfig, stage: int) -> torch.Tensor:
-    """This rank's rows of ẑ₀: the previous image resized in RGB and re-encoded (or, as the paper's ablation,
-    the previous latents resized bicubically)."""
+                    size: tuple[int, int], config: FreeScaleConfig, stage: int, mode: str = "exact") -> torch.Tensor:
+    """This rank's rows of ẑ₀: the previous image resized in RGB and re-encoded (`mode`: exact, or tiled as
+    diffusers tiles it), or, as the paper's ablation, the previous latents resized bicubically."""
     scale = pipeline.vae_scale_factor
     if config.upsample_space == "latent":
         return ops.resize(previous, latents, rows.layout, size[0] // scale)
     image = ops.resize(previous, image, rows.layout.scaled(Fraction(scale)), size[0])
+    span = rows.layout.rows(rows.rank)
+    if mode == "tiled":
+        moments = encode_strip_tiled(pipeline.vae, rows, image)
+        return sample_latents(pipeline, moments, config.seed, stage, rows=span, latent_height=rows.layout.height)
     with sharding(pipeline.vae, rows):
-        return encode(pipeline, image, config.seed, stage, rows=rows.layout.rows(rows.rank), latent_height=rows.layout.height)
+        return encode(pipeline, image, config.seed, stage, rows=span, latent_height=rows.layout.height)
+
+
+def encode_strip_tiled(vae, rows: RowGroup, image: torch.Tensor) -> torch.Tensor:
+    """This rank's latent rows of diffusers' tiled encode (the moments) of the image whose pixel strip it holds:
+    the tile rows whose kept latent rows meet the strip, plus the tile row above for its blend, encoded from
+    the pixel rows they read (fetched from their owners)."""
+    tile, stride, _, kept = encode_tile_grid(vae)
+    pixels = rows.layout_for(image.shape[2])
+    start, stop = rows.span
+    if pixels.height <= tile and image.shape[3] <= tile:
+        whole = rows.fetch(image, 2, [(0, pixels.height)] * rows.world, "vae")
+        return encode_tiled(vae, whole)[:, :, start:stop]
+    tile_rows = [range(a // kept, (b - 1) // kept + 1) for a, b in (rows.layout.span(r) for r in range(rows.world))]
+    requests = [(max(0, (t.start - 1) * stride), min(pixels.height, (t.stop - 1) * stride + tile)) for t in tile_rows]
+    mine = tile_rows[rows.rank]
+    slab = rows.fetch(image.to(vae.dtype), 2, requests, "vae")
+    moments = encode_tiled(vae, slab, mine, offset=requests[rows.rank][0])
+    first = mine.start * kept
+    return moments[:, :, start - first : stop - first]
 
 
 def detail_scale(config: FreeScaleConfig, mask: torch.Tensor | None, rows: RowGroup, latent_width: int,
@@ -199,7 +222,7 @@ def stage_loop(pipeline, job: StageJob, group, local: bool, world: int, guide: G
                 image = decode_strip(pipeline, rows, latents, job.transition_modes[index - 1])
             if job.save_stages:
                 run.stage_pixels[index - 1] = to_pixels(image)
-            reference = stage_reference(pipeline, rows, latents, image, target, size, config, index)
+            reference = stage_reference(pipeline, rows, latents, image, target, size, config, index, job.transition_modes[index - 1])
             del image
             rows, resume = target, None
         # The rows this rank denoises, and how its strip is taken from and given back to them.

@@ -150,18 +150,20 @@ def unet_activation_bytes(unet: dict, latent_hw: tuple[float, float], itemsize: 
 
 
 def vae_bytes(vae: dict, size: Size, previous: Size | None, mode: str, itemsize: int, share: float = 1.0) -> int:
-    """The larger of the stage's encode (its whole upsampled image; a worker its strip) and its decode."""
+    """The larger of the stage's encode (its whole upsampled image, a worker its strip; or a tile) and its
+    decode."""
     pixels = size[0] * size[1] * share
-    workset = ENCODE_WORKSET if share == 1 else SHARDED_ENCODE_WORKSET
-    encode = workset * pixels * vae["block_out_channels"][0] * itemsize if previous is not None else 0
-    if mode == "tiled":
+    width = vae["block_out_channels"][0] * itemsize
+    if mode == "tiled":  # one tile at a time, both ways; the image strip is also fetched with its tiles' rows
         tile = vae.get("sample_size", 512)
         tile = tile[0] if isinstance(tile, (list, tuple)) else tile
-        decode = ENCODE_WORKSET * tile * tile * vae["block_out_channels"][0] * itemsize + 12 * pixels
+        encode = decode = ENCODE_WORKSET * tile * tile * width + 12 * pixels
+        images = 4 * 3 * pixels * 3
     else:
-        decode = DECODE_WORKSET * pixels * vae["block_out_channels"][0] * itemsize
-    images = 4 * 3 * pixels * 2  # the decoded image and its upsampled version, fp32
-    return int(max(encode, decode) + images)
+        encode = (ENCODE_WORKSET if share == 1 else SHARDED_ENCODE_WORKSET) * pixels * width
+        decode = DECODE_WORKSET * pixels * width
+        images = 4 * 3 * pixels * 2  # the decoded image and its upsampled version, fp32
+    return int(max(encode if previous is not None else 0, decode) + images)
 
 
 def estimate(request: RenderRequest, shape: ModelShape, stages: list[Size], device: str, share: float = 1.0,

@@ -1,8 +1,9 @@
-"""VAE decoding in row bands, handed on as finished rows of pixels (decision 8).
+"""VAE decoding in row bands, handed on as finished rows of pixels, and the tiled encode (decision 8).
 
 Two modes:
 - `tiled` reproduces diffusers' tiled decode (tiles of the VAE's sample size, ¼ overlap, linear blends,
-  per-tile GroupNorm), one row of tiles at a time: only one tile row is ever held.
+  per-tile GroupNorm), one row of tiles at a time: only one tile row is ever held. Stage transitions in
+  this mode also encode as diffusers' tiled encode does (`encode_tiled`), as the reference does.
 - `exact` equals an untiled decode. It runs the decoder layer by layer over row bands: 3×3 convs read
   one-row halos from the neighbouring bands, GroupNorm moments of all bands are merged (float64)
   before any band is normalised, and the mid-block attention lets every band's queries see the keys of
@@ -182,6 +183,47 @@ def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor, tile_rows: range | N
         previous = row
         if i in tile_rows:
             yield torch.cat(finished, dim=3)
+
+
+def encode_tile_grid(vae: AutoencoderKL) -> tuple[int, int, int, int]:
+    """diffusers' tiled encode: (tile px, stride px, blend latent rows, kept latent rows per tile row)."""
+    tile = vae.tile_sample_min_size
+    blend = int(vae.tile_latent_min_size * vae.tile_overlap_factor)
+    return tile, int(tile * (1 - vae.tile_overlap_factor)), blend, vae.tile_latent_min_size - blend
+
+
+def encode_tiled(vae: AutoencoderKL, image: torch.Tensor, tile_rows: range | None = None, offset: int = 0) -> torch.Tensor:
+    """diffusers' tiled encode: the posterior's moments (mean and log-variance), blended between tiles.
+
+    Like diffusers, an image that fits in one tile is encoded whole. A row strip encodes only `tile_rows`
+    (plus the row above, for its blend) from `image` holding the pixel rows from `offset` on, and gets the
+    kept latent rows of those tile rows."""
+    tile, stride, blend, limit = encode_tile_grid(vae)
+    x = image.to(vae.dtype)
+
+    def moments(piece: torch.Tensor) -> torch.Tensor:
+        encoded = vae.encoder(piece)
+        return vae.quant_conv(encoded) if vae.quant_conv is not None else encoded
+
+    if tile_rows is None and x.shape[2] <= tile and x.shape[3] <= tile:
+        return moments(x)
+    tile_rows = tile_rows or range(len(range(0, x.shape[2], stride)))
+    previous: list[torch.Tensor] | None = None
+    kept = []
+    for i in range(max(tile_rows.start - 1, 0), tile_rows.stop):
+        row = [moments(x[:, :, i * stride - offset : i * stride - offset + tile, j : j + tile]) for j in range(0, x.shape[3], stride)]
+        finished = []
+        for j, encoded in enumerate(row):
+            if previous is not None:
+                encoded = vae.blend_v(previous[j], encoded, blend)
+            if j > 0:
+                encoded = vae.blend_h(row[j - 1], encoded, blend)
+            row[j] = encoded
+            finished.append(encoded[:, :, :limit, :limit])
+        previous = row
+        if i in tile_rows:
+            kept.append(torch.cat(finished, dim=3))
+    return torch.cat(kept, dim=2)
 
 
 def decode_rows(vae: AutoencoderKL, latents: torch.Tensor, mode: str, band_rows: int = 16) -> Iterator[torch.Tensor]:

@@ -208,7 +208,25 @@ def check_vae(rows: RowGroup, pipeline) -> Errors:
         with sharding(vae, rows):
             got = encode(pipeline, strip(rows, image), seed=3, stage=1, rows=rows.layout.rows(rows.rank), latent_height=rows.layout.height)
         errors["vae encode"] = relative(got, strip(rows, expected))
+        errors["vae encode tiled"] = check_tiled_encode(rows, vae)
     return errors
+
+
+def check_tiled_encode(rows: RowGroup, vae) -> float:
+    """diffusers' tiled encode with 64 px tiles (48 px stride, 6 latent rows kept per tile row) of an image
+    whose tile rows straddle the strips: this rank's rows against the whole image's."""
+    from cluster.gang import encode_strip_tiled
+    from renderer.vae_bands import encode_tiled
+
+    image = (structured((1, 3, rows.layout.height * 8, 136), rows.layout) * 0.3).float()
+    saved = vae.tile_sample_min_size, vae.tile_latent_min_size
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 64, 8
+    try:
+        expected = encode_tiled(vae, image)
+        got = encode_strip_tiled(vae, rows, strip(rows, image))
+    finally:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+    return relative(got, strip(rows, expected))
 
 
 def check_unet(rank: int, world: int, pipeline) -> Errors:
