@@ -47,9 +47,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="final side; stages double from 256")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/toy-settings"))
+    parser.add_argument("--round-trip", help="comma-separated seeds: write the VAE round-trip sheet instead")
     options = parser.parse_args()
     options.out_dir.mkdir(parents=True, exist_ok=True)
     pipeline = load_pipeline("toy")
+    if options.round_trip:
+        round_trip_sheet(pipeline, [int(seed) for seed in options.round_trip.split(",")], options.steps, options.out_dir)
+        return
     stages = [(256 * 2**k, 256 * 2**k) for k in range((options.size // 256).bit_length())]
     names = options.variants.split(",")
     counts: dict[str, list[tuple[int, tuple[int, ...]]]] = {name: [] for name in ["base 256", *names]}
@@ -74,6 +78,38 @@ def main() -> None:
         one = sum(subjects == 1 for subjects, _ in found)
         two_eyes = sum(subjects == 1 and eyes == (2,) for subjects, eyes in found)
         print(f"| {name} | {one}/{len(found)} | {two_eyes}/{len(found)} | {np.mean([s for s, _ in found]):.2f} |")
+
+
+def round_trip_sheet(pipeline, seeds: list[int], steps: int, out_dir: Path) -> None:
+    """Per seed, a row: the base decoded; decode(encode(base)) at 256²; the base upsampled to 512²;
+    decode(encode(upsampled)); FreeScale at 512² with restart 0.9. No UNet step runs between encode and decode."""
+    import torch
+
+    from renderer.stages import encode, unscaled, upsample
+    from renderer.vae_bands import to_pixels
+
+    tiles = []
+    for seed in seeds:
+        colour = list(COLOURS)[seed % len(COLOURS)]
+        request = RenderRequest(prompt=f"a {colour} creature", seed=seed, steps=steps, stages=((256, 256),), out=Path("/tmp/unused.png"))
+        base = render(request, pipeline=pipeline, progress=False, write=False)
+        with torch.inference_mode():
+            def round_trip(x: torch.Tensor) -> torch.Tensor:
+                return pipeline.vae.decode(unscaled(pipeline, encode(pipeline, x, seed, 1))).sample
+
+            image = pipeline.vae.decode(unscaled(pipeline, base.latents)).sample
+            larger = upsample(image, (512, 512))
+            row = [image, round_trip(image), larger, round_trip(larger)]
+        row = [Image.fromarray(to_pixels(x)).resize((256, 256)) for x in row]
+        staged = request.with_(stages=((256, 256), (512, 512)), freescale=FreeScaleConfig(restart_fraction=0.9))
+        row.append(Image.fromarray(render(staged, pipeline=pipeline, progress=False, write=False).image).resize((256, 256)))
+        tiles.append(row)
+    sheet = Image.new("RGB", (256 * 5, 256 * len(tiles)))
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            sheet.paste(tile, (256 * c, 256 * r))
+    sheet.save(out_dir / "round_trip.png")
+    print(f"wrote {out_dir / 'round_trip.png'}")
 
 
 if __name__ == "__main__":
