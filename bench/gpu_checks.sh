@@ -33,3 +33,7 @@ timeout 300 python3 bench/quality.py --device cuda --seeds 8 --steps 50 --out-di
 
 echo "== sharded path on CUDA (2 ranks sharing the GPU over gloo) vs one process"
 timeout 280 python3 bench/gpu_sharded.py --sdxl-size 4096
+
+echo "== 8-GPU time model (issue 12): the H200 fit of docs/benchmarks.md; rerun with this card's FreeScale"
+echo "   forward times from the step profile above: python3 bench/time_model.py --measured 2048=S,4096=S"
+python3 bench/time_model.py

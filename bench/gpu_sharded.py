@@ -71,8 +71,9 @@ def tiny_rank(rank: int, world: int, job: StageJob, device: str) -> dict:
             "peak": peak_memory(), "bytes": result.step_bytes}
 
 
-def tiny_part(mode: str) -> None:
-    """A whole tiny render 256 → 512 → 1024 on CUDA: one process against 2 ranks."""
+def tiny_part(mode: str, split: bool) -> None:
+    """A whole tiny render 256 → 512 → 1024 on CUDA: one process against 2 ranks (with `split`, one guidance
+    branch each)."""
     stages = ((256, 256), (512, 512), (1024, 1024))
     request = RenderRequest(prompt="a red kite", seed=4, stages=stages, steps=10, vae_mode=mode, device=DEVICE,
                             dtype="float32", out="/tmp/unused.png")
@@ -86,14 +87,15 @@ def tiny_part(mode: str) -> None:
         cond = encode_prompts(pipeline, request.prompt, "", (256, 256), request.guidance)
         base = generate_base(pipeline, cond, (256, 256), request.steps, config, Progress(False))
     job = StageJob(cond=cond.to("cpu"), latents=base.float().cpu(), stages=list(stages), first=1, last=len(stages), steps=request.steps,
-                  config=config, transition_modes=[mode, mode], final_mode=mode)
+                  config=config, transition_modes=[mode, mode], final_mode=mode, cfg_split=split)
     results = run_ranks(2, partial(tiny_rank, job=job, device=DEVICE), threads=4)
     latents = torch.cat([r["latents"] for r in results], dim=2)
     pixels = np.concatenate([r["pixels"] for r in results], axis=0)
-    report(f"tiny render 1024 ({mode} VAE), 2 ranks vs 1 process, latents", f"max abs diff {float((latents - single.latents).abs().max()):.2e}",
+    label = f"{mode} VAE{', guidance split' if split else ''}"
+    report(f"tiny render 1024 ({label}), 2 ranks vs 1 process, latents", f"max abs diff {float((latents - single.latents).abs().max()):.2e}",
            f"(max abs latent {float(single.latents.abs().max()):.1f})")
-    report(f"tiny render 1024 ({mode} VAE), pixels", f"max diff {int(abs(pixels.astype(int) - single.image).max())} levels")
-    report(f"tiny render 1024 ({mode} VAE), seconds", f"1 process {single_seconds:.1f} s, 2 ranks {max(r['seconds'] for r in results):.1f} s",
+    report(f"tiny render 1024 ({label}), pixels", f"max diff {int(abs(pixels.astype(int) - single.image).max())} levels")
+    report(f"tiny render 1024 ({label}), seconds", f"1 process {single_seconds:.1f} s, 2 ranks {max(r['seconds'] for r in results):.1f} s",
            "(gloo through host memory)")
 
 
@@ -175,7 +177,7 @@ def main() -> None:
     DEVICE = parser.parse_args().device
     parts = parser.parse_args().parts.split(",")
     print(torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, flush=True)
-    for part, run in (("attention", attention_part), ("tiny", lambda: (tiny_part("exact"), tiny_part("tiled"))),
+    for part, run in (("attention", attention_part), ("tiny", lambda: (tiny_part("exact", False), tiny_part("tiled", True))),
                       ("sdxl", lambda: sdxl_part(parser.parse_args().sdxl_size))):
         if part in parts:
             try:
