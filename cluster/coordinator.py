@@ -84,17 +84,16 @@ class GangWorker:
                                       metrics=metrics)
         return result
 
-    def free_memory(self) -> int:
-        from renderer.memory import available_memory
-
-        return available_memory(torch.device(self.device))
-
-    def memory_place(self) -> str:
-        """What this worker's memory is shared with: its GPU, or for a CPU worker its node."""
+    def memory(self) -> tuple[str, int]:
+        """What this worker's memory is shared with (its GPU, or for a CPU worker its node), and how many
+        bytes of it are free."""
         import ray
 
+        from renderer.memory import available_memory
+
         node = ray.get_runtime_context().get_node_id()
-        return f"GPU {ray.get_gpu_ids()} of node {node}" if self.device == "cuda" else f"node {node}"
+        place = f"GPU {ray.get_gpu_ids()} of node {node}" if self.device == "cuda" else f"node {node}"
+        return place, available_memory(torch.device(self.device))
 
     def take_pixels(self) -> np.ndarray:
         pixels, self.pixels = self.pixels, None
@@ -321,7 +320,7 @@ class Gang:
         """The least free memory of any worker (its GPU's, or its node's for CPU workers), in bytes."""
         import ray
 
-        return min(ray.get([worker.free_memory.remote() for worker in self.workers]))
+        return min(free for _, free in ray.get([worker.memory.remote() for worker in self.workers]))
 
     def check_memory(self, need: int) -> None:
         """Refuse, before any stage runs, a gang whose workers would need more than the memory they share:
@@ -329,8 +328,7 @@ class Gang:
         node has free, less the 5 % Ray's memory monitor keeps before it kills a worker."""
         import ray
 
-        places = ray.get([worker.memory_place.remote() for worker in self.workers])
-        free = ray.get([worker.free_memory.remote() for worker in self.workers])
+        places, free = zip(*ray.get([worker.memory.remote() for worker in self.workers]))
         for place in set(places):
             sharing = places.count(place)
             available = min(f for p, f in zip(places, free) if p == place) * 0.95

@@ -27,7 +27,7 @@ import torch
 from cluster import ops
 from cluster.guidance import GuidanceSplit, guidance_split
 from cluster.sharding import sharded_backend, sharding
-from cluster.strips import RowGroup, StripLayout, plan_strips, received_bytes
+from cluster.strips import RowGroup, Span, StripLayout, plan_strips, received_bytes
 from freescale_core import FreeScaleConfig
 from freescale_core.cascade import restart_index, scale_factors
 from renderer.checkpoints import Cadence
@@ -108,6 +108,14 @@ def stage_layout(pipeline, size: tuple[int, int], config: FreeScaleConfig, ranks
     return plan_strips(size[1] // pipeline.vae_scale_factor, ranks, strip_unit(config, size, train_px))
 
 
+def tile_row_reads(layout: StripLayout, kept: int, stride: int, tile: int, height: int) -> tuple[list[range], list[Span]]:
+    """For diffusers' tiling on row strips: per rank, the tile rows whose kept output (`kept` latent rows
+    each) meets its latent rows in `layout`, and the input rows they read out of `height` (tile rows `stride`
+    apart and `tile` long), the tile row above included for its blend."""
+    tile_rows = [range(a // kept, (b - 1) // kept + 1) for a, b in (layout.span(r) for r in range(layout.ranks))]
+    return tile_rows, [(max(0, (t.start - 1) * stride), min(height, (t.stop - 1) * stride + tile)) for t in tile_rows]
+
+
 def decode_strip(pipeline, rows: RowGroup, latents: torch.Tensor, mode: str) -> torch.Tensor:
     """This rank's rows of the decoded image (fp32, unclamped), equal to the single-process decode of `mode`.
 
@@ -129,8 +137,7 @@ def decode_strip(pipeline, rows: RowGroup, latents: torch.Tensor, mode: str) -> 
     if layout.height <= tile and z.shape[3] <= tile:
         whole = rows.fetch(z, 2, [(0, layout.height)] * rows.world, "vae")
         return vae.decode(whole).sample.float()[:, :, start * scale : stop * scale]
-    tile_rows = [range(a // stride, (b - 1) // stride + 1) for a, b in (layout.span(r) for r in range(rows.world))]
-    requests = [(max(0, (t.start - 1) * stride), min(layout.height, (t.stop - 1) * stride + tile)) for t in tile_rows]
+    tile_rows, requests = tile_row_reads(layout, stride, stride, tile, layout.height)
     mine = tile_rows[rows.rank]
     slab = rows.fetch(z, 2, requests, "vae")
     pixels = torch.cat([band.float() for band in decode_tiled(vae, slab, mine, offset=requests[rows.rank][0])], dim=2)
@@ -164,8 +171,7 @@ def encode_strip_tiled(vae, rows: RowGroup, image: torch.Tensor) -> torch.Tensor
     if pixels.height <= tile and image.shape[3] <= tile:
         whole = rows.fetch(image, 2, [(0, pixels.height)] * rows.world, "vae")
         return encode_tiled(vae, whole)[:, :, start:stop]
-    tile_rows = [range(a // kept, (b - 1) // kept + 1) for a, b in (rows.layout.span(r) for r in range(rows.world))]
-    requests = [(max(0, (t.start - 1) * stride), min(pixels.height, (t.stop - 1) * stride + tile)) for t in tile_rows]
+    tile_rows, requests = tile_row_reads(rows.layout, kept, stride, tile, pixels.height)
     mine = tile_rows[rows.rank]
     slab = rows.fetch(image.to(vae.dtype), 2, requests, "vae")
     moments = encode_tiled(vae, slab, mine, offset=requests[rows.rank][0])

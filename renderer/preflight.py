@@ -185,10 +185,7 @@ def preflight(request: RenderRequest) -> Plan | None:
     shape = model_shape(request.model)
     if shape is None:
         return None
-    from renderer.models.loading import geometry_from_config
-
-    geometry = geometry_from_config(shape.unet["sample_size"], shape.vae["block_out_channels"], shape.unet["block_out_channels"])
-    stages = request.plan(geometry)
+    stages = planned_stages(request, shape)
     check_steps(request, shape.train_timesteps)
     check_inputs(request, stages[0])
     first = first_sharded_stage(request, stages)
@@ -197,26 +194,36 @@ def preflight(request: RenderRequest) -> Plan | None:
         stages=stages, unet_calls=unet_calls(request, len(stages)), output_bytes=pyramid_bytes(stages[-1]),
         checkpoint_bytes=checkpoint_bytes(stages, shape),
         coordinator=estimate(request, shape, stages[: max(first, 1)], request.device, baseline=baseline),
+        worker=worker_estimate(request, shape, stages, baseline),
     )
-    if first < len(stages):
-        worker_device = "cuda" if request.gpus_per_worker != 0 and request.device.startswith("cuda") else "worker device"
-        plan.worker = estimate(request, shape, stages[first:], worker_device, share=1 / request.workers, baseline=baseline)
     check_disk(request, plan)
     check_memory(request, plan)
     return plan
+
+
+def planned_stages(request: RenderRequest, shape: ModelShape) -> list[Size]:
+    from renderer.models.loading import geometry_from_config
+
+    return request.plan(geometry_from_config(shape.unet["sample_size"], shape.vae["block_out_channels"], shape.unet["block_out_channels"]))
+
+
+def worker_estimate(request: RenderRequest, shape: ModelShape, stages: list[Size], baseline: int = 0) -> MemoryEstimate | None:
+    """Each gang worker's peak for its share of the sharded stages, on its own device; None without a gang."""
+    first = first_sharded_stage(request, stages)
+    if first >= len(stages):
+        return None
+    device = "cuda" if request.gpus_per_worker != 0 and request.device.startswith("cuda") else "worker device"
+    return estimate(request, shape, stages[first:], device, share=1 / request.workers, baseline=baseline)
 
 
 def worker_need(request: RenderRequest) -> int | None:
     """Bytes each gang worker allocates beyond its loaded model at its largest step or VAE op, or None where
     the model's configs cannot be read cheaply."""
     shape = model_shape(request.model)
-    if shape is None:
+    worker = None if shape is None else worker_estimate(request, shape, planned_stages(request, shape))
+    if worker is None:
         return None
-    from renderer.models.loading import geometry_from_config
-
-    stages = request.plan(geometry_from_config(shape.unet["sample_size"], shape.vae["block_out_channels"], shape.unet["block_out_channels"]))
-    worker = estimate(request, shape, stages[first_sharded_stage(request, stages):], request.device, share=1 / request.workers)
-    return max(worker.unet, worker.vae) + (CPU_RUNTIME if not request.device.startswith("cuda") else 0)
+    return max(worker.unet, worker.vae) + (0 if worker.device == "cuda" else CPU_RUNTIME)
 
 
 def unet_calls(request: RenderRequest, stages: int) -> int:

@@ -153,6 +153,30 @@ def tile_grid(vae: AutoencoderKL) -> tuple[int, int, int, int]:
     return tile, int(tile * (1 - vae.tile_overlap_factor)), blend, vae.tile_sample_min_size - blend
 
 
+def blended_tile_rows(vae: AutoencoderKL, x: torch.Tensor, run_tile, tile: int, stride: int, blend: int, limit: int,
+                      tile_rows: range | None = None, offset: int = 0) -> Iterator[torch.Tensor]:
+    """diffusers' tiling, as its tiled decode and encode both do it: tiles of `tile` input rows and columns every
+    `stride`, each run by `run_tile`, blended with the tile above and the one to the left over `blend` output
+    rows or columns, `limit` of each kept. Yields the kept output of each of `tile_rows` (default: all), one tile
+    row at a time, from `x` holding the input rows from `offset` on; the tile row above the first is run too,
+    for its blend."""
+    tile_rows = tile_rows or range(len(range(0, x.shape[2], stride)))
+    previous: list[torch.Tensor] | None = None
+    for i in range(max(tile_rows.start - 1, 0), tile_rows.stop):
+        row = [run_tile(x[:, :, i * stride - offset : i * stride - offset + tile, j : j + tile]) for j in range(0, x.shape[3], stride)]
+        finished = []
+        for j, done in enumerate(row):
+            if previous is not None:
+                done = vae.blend_v(previous[j], done, blend)
+            if j > 0:
+                done = vae.blend_h(row[j - 1], done, blend)
+            row[j] = done
+            finished.append(done[:, :, :limit, :limit])
+        previous = row
+        if i in tile_rows:
+            yield torch.cat(finished, dim=3)
+
+
 def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor, tile_rows: range | None = None, offset: int = 0) -> Iterator[torch.Tensor]:
     """diffusers' tiled decode, one tile row at a time; yields the finished rows of each tile row.
 
@@ -162,27 +186,11 @@ def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor, tile_rows: range | N
     if tile_rows is None and latents.shape[2] <= tile and latents.shape[3] <= tile:
         yield vae.decode(latents.to(vae.dtype)).sample
         return
-    tile_rows = tile_rows or range(len(range(0, latents.shape[2], stride)))
-    z = latents.to(vae.dtype)
-    previous: list[torch.Tensor] | None = None
-    for i in range(max(tile_rows.start - 1, 0), tile_rows.stop):
-        row = []
-        for j in range(0, z.shape[3], stride):
-            piece = z[:, :, i * stride - offset : i * stride - offset + tile, j : j + tile]
-            if vae.config.use_post_quant_conv:
-                piece = vae.post_quant_conv(piece)
-            row.append(vae.decoder(piece))
-        finished = []
-        for j, decoded in enumerate(row):
-            if previous is not None:
-                decoded = vae.blend_v(previous[j], decoded, blend)
-            if j > 0:
-                decoded = vae.blend_h(row[j - 1], decoded, blend)
-            row[j] = decoded
-            finished.append(decoded[:, :, :limit, :limit])
-        previous = row
-        if i in tile_rows:
-            yield torch.cat(finished, dim=3)
+
+    def decode_tile(piece: torch.Tensor) -> torch.Tensor:
+        return vae.decoder(vae.post_quant_conv(piece) if vae.config.use_post_quant_conv else piece)
+
+    yield from blended_tile_rows(vae, latents.to(vae.dtype), decode_tile, tile, stride, blend, limit, tile_rows, offset)
 
 
 def encode_tile_grid(vae: AutoencoderKL) -> tuple[int, int, int, int]:
@@ -207,23 +215,7 @@ def encode_tiled(vae: AutoencoderKL, image: torch.Tensor, tile_rows: range | Non
 
     if tile_rows is None and x.shape[2] <= tile and x.shape[3] <= tile:
         return moments(x)
-    tile_rows = tile_rows or range(len(range(0, x.shape[2], stride)))
-    previous: list[torch.Tensor] | None = None
-    kept = []
-    for i in range(max(tile_rows.start - 1, 0), tile_rows.stop):
-        row = [moments(x[:, :, i * stride - offset : i * stride - offset + tile, j : j + tile]) for j in range(0, x.shape[3], stride)]
-        finished = []
-        for j, encoded in enumerate(row):
-            if previous is not None:
-                encoded = vae.blend_v(previous[j], encoded, blend)
-            if j > 0:
-                encoded = vae.blend_h(row[j - 1], encoded, blend)
-            row[j] = encoded
-            finished.append(encoded[:, :, :limit, :limit])
-        previous = row
-        if i in tile_rows:
-            kept.append(torch.cat(finished, dim=3))
-    return torch.cat(kept, dim=2)
+    return torch.cat(list(blended_tile_rows(vae, x, moments, tile, stride, blend, limit, tile_rows, offset)), dim=2)
 
 
 def decode_rows(vae: AutoencoderKL, latents: torch.Tensor, mode: str, band_rows: int = 16) -> Iterator[torch.Tensor]:
