@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="toy")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one (to split a run over processes)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--no-8x", action="store_true", help="skip the 8x renders (slow on CPU)")
     parser.add_argument("--variants", help="comma-separated subset of the variant names (default: all)")
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         chosen = {name: chosen[name] for name in args.variants.split(",")}
     for name, (stages, config) in chosen.items():
         counts, seconds, thumbs, matches = [], [], [], []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             colour = colour_for(seed)
             request = RenderRequest(
                 prompt=f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} creature", seed=seed, stages=tuple(stages),
