@@ -15,7 +15,6 @@ from freescale_core.cascade import restart_index, skip_residual_weight
 from freescale_core.mode import LOCAL, Backend
 from freescale_core.rng import normal
 from renderer.progress import Progress
-from renderer.vae_bands import encode_tiled
 
 
 @dataclass
@@ -138,15 +137,13 @@ def unscaled(pipeline, latents: torch.Tensor) -> torch.Tensor:
     return latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
 
 
-def encode(pipeline, image: torch.Tensor, seed: int, stage: int, rows: slice = slice(None), latent_height: int | None = None,
-           mode: str = "exact") -> torch.Tensor:
-    """Image → latents with a seeded posterior sample; `tiled` encodes as diffusers' tiled encode does.
+def encode(pipeline, image: torch.Tensor, seed: int, stage: int, rows: slice = slice(None), latent_height: int | None = None) -> torch.Tensor:
+    """Image → latents with a seeded posterior sample (the tiled encode: `cluster.gang.encode_strip_tiled`).
 
     A row-sharded worker encodes its image strip (under `cluster.sharding`) and passes the latent `rows`
     it holds of a latent `latent_height` rows high; the posterior noise is drawn whole and sliced."""
     vae = pipeline.vae
-    image = image.to(vae.device, vae.dtype)
-    moments = encode_tiled(vae, image) if mode == "tiled" else vae.encode(image).latent_dist.parameters
+    moments = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.parameters
     return sample_latents(pipeline, moments, seed, stage, rows, latent_height)
 
 

@@ -110,7 +110,7 @@ def encode_dataset(vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(means), torch.cat(stds)
 
 
-def learning_rate(step: int, steps: int, peak: float = 3e-4, warmup: int = 200) -> float:
+def learning_rate(step: int, steps: int, peak: float, warmup: int = 200) -> float:
     """Linear warm-up, then a cosine decay to a tenth of the peak by the last step."""
     if step < warmup:
         return peak * (step + 1) / warmup
