@@ -18,7 +18,7 @@ echo "== preflight memory estimate against sdxl-random's measured peak (issue 9)
 timeout 300 python3 bench/preflight_memory.py --model sdxl-random --device cuda --sizes 2048,4096
 
 echo "== FreeScale step against a plain step, sdxl-random fp16 (issue 12)"
-timeout 300 python3 bench/step_profile.py --device cuda --model sdxl-random --sizes 2048,4096 --components --blur-check
+timeout 300 python3 bench/step_profile.py --device cuda --model sdxl-random --sizes 2048,4096 --components
 
 echo "== sdxl-random 1024 -> 2048 fp16, FreeScale vs direct"
 timeout 240 python3 bench/cascade.py --model sdxl-random --device cuda --stages 1024x1024,2048x2048 --steps 50

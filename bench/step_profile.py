@@ -6,9 +6,9 @@
 
 For each size (a 4x and an 8x stage of the tiny model's 256 px training size), one CFG UNet call
 (`renderer.stages.predict_noise`) is timed plain (no FreeScale, no FreeU) and under `freescale_mode` at a
-dilated step (i < dilate_tau) and a plain-conv step (i = dilate_tau), all in one process: warm-up, then
-the median of `--repeats`. `--ablations` adds one row per component switched on alone (FreeU, dilation,
-scale fusion). `--components` times the pieces of FreeScale inside one call (synchronising the device
+dilated step (i < dilate_tau) and a plain-conv step (i = dilate_tau), all in one process, interleaved
+round by round: warm-up, then `--repeats` rounds; the ratio to plain is the median of the rounds'
+ratios. `--ablations` adds one row per component switched on alone (FreeU, dilation, scale fusion). `--components` times the pieces of FreeScale inside one call (synchronising the device
 around each, so their sum is not the step time); `--profile` prints torch.profiler tables of one plain
 and one FreeScale call, and the per-op difference. Next to the measured times, a FLOP/byte model of each
 part of the step (convs and linears, global attention, windows, blur, FreeU) from the UNet's modules and
@@ -35,7 +35,7 @@ from torch import nn
 import freescale_core.attention as fs_attention
 from freescale_core import FreeScaleConfig, freescale_mode
 from freescale_core.attention import ScaleFusionProcessor
-from freescale_core.blur import BLUR_AXES, blur_axis_conv, blur_axis_shifted, gaussian_kernel, kernel_size, uses_shifted_sum
+from freescale_core.blur import BLUR_AXES, kernel_size
 from freescale_core.cascade import scale_factors
 from freescale_core.dilation import dilated_convs
 from freescale_core.freeu import fourier_filter
@@ -84,14 +84,17 @@ class Bench:
         with context:
             return predict_noise(self.pipeline, self.scheduler, self.latent(size), timestep, self.cond)
 
-    def time(self, size: int, make_context, step_index: int, repeats: int, warmup: int) -> list[float]:
-        times = []
+    def time_rounds(self, size: int, rows: list[tuple[str, int, object]], repeats: int, warmup: int) -> dict[str, list[float]]:
+        """Seconds of each row's call, the rows interleaved round by round, so that a drifting machine
+        moves every row alike and each round's ratios stay comparable."""
+        times = {name: [] for name, _, _ in rows}
         with torch.inference_mode():
-            for run in range(warmup + repeats):
-                started = self.clock.now()
-                self.call(size, make_context(), step_index)
-                if run >= warmup:
-                    times.append(self.clock.now() - started)
+            for round_ in range(warmup + repeats):
+                for name, step_index, make_context in rows:
+                    started = self.clock.now()
+                    self.call(size, make_context(), step_index)
+                    if round_ >= warmup:
+                        times[name].append(self.clock.now() - started)
         return times
 
 
@@ -342,50 +345,6 @@ def flop_model(record: Census, unet: nn.Module, size: int, config: FreeScaleConf
     return {name: (flops, moved) for name, (flops, moved) in parts.items()}
 
 
-# ---------------------------------------------------------------- blur implementations
-
-
-def blur_check(bench: Bench, record: Census, size: int, config: FreeScaleConfig, dtype: torch.dtype) -> None:
-    """Both 1-D blur implementations on this device and dtype, at this stage's attn1 grids: time and equality.
-
-    `blur_axis` takes the shifted multiply-adds only where they are known to give the conv's very bits
-    (fp32 on the CPU); elsewhere this table says whether they would, and what they would save."""
-    unet = bench.pipeline.unet
-    k = kernel_size(scale_factors((size, size), train_px(unet)))
-    kernel = gaussian_kernel(k)
-    latent = size // bench.pipeline.vae_scale_factor
-    device = unet.device
-    print(f"\n#### Blur implementations, {size}x{size}, k={k}, {dtype}, {device} (fast path used here: "
-          f"{uses_shifted_sum(torch.empty(0, dtype=dtype, device=device))})\n")
-    print("| grid (B, H, W, C) | calls | conv1d ms | shifted ms | bitwise equal | max abs diff |")
-    print("|---|---|---|---|---|---|")
-    shapes = defaultdict(int)
-    for batch, tokens, channels, _ in record.attn1:
-        side = latent
-        while side * side > tokens:
-            side //= 2
-        shapes[(batch, side, side, channels)] += 1
-    generator = torch.Generator().manual_seed(0)
-    for shape, calls in shapes.items():
-        grid = torch.randn(shape, generator=generator).to(device, dtype)
-        results, seconds = {}, {}
-        for name, function in (("conv", blur_axis_conv), ("shifted", blur_axis_shifted)):
-            def run():
-                out = grid
-                for axis in BLUR_AXES[config.fusion_blur]:
-                    out = function(out, axis, kernel)
-                return out
-
-            results[name] = run()
-            started = bench.clock.now()
-            for _ in range(3):
-                run()
-            seconds[name] = (bench.clock.now() - started) / 3
-        diff = (results["conv"].float() - results["shifted"].float()).abs().max().item()
-        print(f"| {shape} | {calls} | {seconds['conv'] * 1e3:.2f} | {seconds['shifted'] * 1e3:.2f} | "
-              f"{torch.equal(results['conv'], results['shifted'])} | {diff:.3g} |")
-
-
 # ---------------------------------------------------------------- profiler
 
 
@@ -436,7 +395,6 @@ def main() -> None:
     parser.add_argument("--components", action="store_true", help="time FreeScale's parts inside one call")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables of one plain and one FreeScale call")
     parser.add_argument("--profile-rows", type=int, default=25)
-    parser.add_argument("--blur-check", action="store_true", help="time both blur implementations and compare their bits")
     parser.add_argument("--no-timing", action="store_true", help="skip the step-time table")
     options = parser.parse_args()
 
@@ -456,14 +414,14 @@ def main() -> None:
         stage = size // train_px(unet)
         if not options.no_timing:
             print(f"### {size}x{size} ({stage}x stage)\n")
-            print("| variant | median s | min s | / plain |")
-            print("|---|---|---|---|")
-            plain = None
-            for name, step, make in variants(unet, size, config, options.ablations):
-                times = bench.time(size, make, step, options.repeats, options.warmup)
-                median = statistics.median(times)
-                plain = plain or median
-                print(f"| {name} | {median:.3f} | {min(times):.3f} | {median / plain:.2f}x |", flush=True)
+            print("| variant | median s | min s | / plain, median of rounds | / plain, minima |")
+            print("|---|---|---|---|---|")
+            times = bench.time_rounds(size, variants(unet, size, config, options.ablations), options.repeats, options.warmup)
+            plain = times["plain"]
+            for name, seconds in times.items():
+                ratio = statistics.median(t / p for t, p in zip(seconds, plain))
+                print(f"| {name} | {statistics.median(seconds):.3f} | {min(seconds):.3f} | {ratio:.3f}x | "
+                      f"{min(seconds) / min(plain):.3f}x |", flush=True)
         record = census(bench, size, config)
         model = flop_model(record, unet, size, config, torch.finfo(dtype).bits // 8)
         print(f"\n#### FLOP/byte model, {size}x{size} (one CFG call)\n")
@@ -474,8 +432,6 @@ def main() -> None:
         base = sum(f for n, (f, _) in model.items() if not n.startswith("FS:"))
         extra = sum(f for n, (f, _) in model.items() if n.startswith("FS:"))
         print(f"\nFLOP ratio FreeScale / plain: {(base + extra) / base:.3f}")
-        if options.blur_check:
-            blur_check(bench, record, size, config, dtype)
         if options.components:
             component_table(bench, size, config)
         if options.profile:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.strips import RowGroup, StripLayout
+from freescale_core import freeu
 from freescale_core.blur import BLUR_AXES, gaussian_blur
 from renderer.vae_bands import group_moments, merge_moments, normalize_groups
 
@@ -50,28 +51,14 @@ def group_norm(rows: RowGroup, module: nn.GroupNorm, x: torch.Tensor) -> torch.T
 
 
 def fourier_filter(rows: RowGroup, x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
-    """FreeU's skip filter on a strip, from the few global Fourier coefficients it changes.
-
-    Scaling the central (2·threshold)² block of the shifted spectrum by `scale` adds (scale − 1) times
-    the inverse transform of just those coefficients; each coefficient X[u, v] = Σ x·e^{−2πi(uy/H + vx/W)}
-    is a sum over all rows, so ranks sum their parts (complex128) and rebuild their own rows. The sums
-    over columns and the rebuild are real fp32 matrix products, so no full-size complex tensor exists."""
+    """FreeU's skip filter on a strip: ranks sum their parts of the few global Fourier coefficients it
+    changes (complex128) and rebuild their own rows."""
     layout = rows.layout_for(x.shape[2])
-    start, stop = layout.span(rows.rank)
-    height, width = layout.height, x.shape[3]
 
-    def phases(size: int, positions: torch.Tensor) -> torch.Tensor:  # e^{−2πi·position·frequency/size}
-        frequencies = torch.tensor(sorted({u % size for u in range(-threshold, threshold)}), dtype=torch.float64)
-        return torch.exp(-2j * math.pi * positions[:, None].double() * frequencies[None] / size).to(x.device)
+    def sum_over_rows(coefficients: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_complex(rows.sum(torch.view_as_real(coefficients).contiguous()))
 
-    row_phase, col_phase = phases(height, torch.arange(start, stop)), phases(width, torch.arange(width))
-    by_column = x.float() @ torch.cat([col_phase.real, col_phase.imag], dim=1).float()  # (B, C, rows, 2V)
-    by_column = torch.complex(*by_column.double().chunk(2, dim=-1))
-    coefficients = torch.einsum("bchv,hu->bcuv", by_column, row_phase)
-    coefficients = torch.view_as_complex(rows.sum(torch.view_as_real(coefficients).contiguous()))
-    per_row = torch.einsum("bcuv,hu->bchv", coefficients, row_phase.conj()) / (height * width)  # (B, C, rows, V)
-    low = per_row.real.float() @ col_phase.real.T.float() + per_row.imag.float() @ col_phase.imag.T.float()
-    return (x.float() + (scale - 1) * low).to(x.dtype)
+    return freeu.fourier_filter(x, threshold, scale, layout.span(rows.rank)[0], layout.height, sum_over_rows)
 
 
 def blur(rows: RowGroup, grid: torch.Tensor, variant: str, size: int) -> torch.Tensor:

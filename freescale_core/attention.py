@@ -1,10 +1,11 @@
 """Scale fusion (§4): every self-attention output = G(local windows) + global − G(global).
 
 Installed as a diffusers attention processor on each `attn1`. The projections run once on the
-(zero-padded) token grid; the local branch gathers every window of a non-overlapping group at once and
-runs them as one batched attention; the global branch is one full attention (or, in fast mode, all
+(zero-padded) token grid; the local branch gathers windows in batches (whole groups of non-overlapping
+windows, about 1 MiB on the CPU) and runs each batch as one attention; the global branch is one full attention (or, in fast mode, all
 strided sub-grids as one batch). Because G is linear, G(local) + global − G(global) is computed as
-global + G(local − global), one blur instead of two.
+global + G(local − global), one blur instead of two; and, where G leaves the channels alone, as
+to_out(global + G(local − global)) on the attention outputs: one output projection instead of two.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from freescale_core.blur import gaussian_blur, kernel_size
+from freescale_core.blur import BLUR_AXES, gaussian_blur, kernel_size
 from freescale_core.windows import WindowPlan, plan_windows, window_shape
 
 
@@ -69,12 +70,12 @@ def project(attn: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.
     return q, k, v
 
 
-def window_index(plan: WindowPlan, views: torch.Tensor, window: tuple[int, int], device, row_offset: int = 0) -> torch.Tensor:
+def window_index(plan: WindowPlan, views: torch.Tensor, window: tuple[int, int], row_offset: int = 0) -> torch.Tensor:
     """Flat indices of the tokens of `views` into padded-grid rows from `row_offset` on: (len(views), wh·ww)."""
     rows = plan.starts_h[views, None] - row_offset + torch.arange(window[0])
     cols = plan.starts_w[views, None] + torch.arange(window[1])
     flat = rows[:, :, None] * plan.padded_shape[1] + cols[:, None, :]
-    return flat.flatten(1).to(device)
+    return flat.flatten(1)
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -82,6 +83,24 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def chunk_budget(q: torch.Tensor) -> int:
+    """Gathered elements per tensor in one batch of windows. On the CPU about 1 MiB of fp32, which stays in
+    cache from the gather through the attention to the scatter (measured faster than larger batches);
+    elsewhere at most q's own size, so the gathered copies cost no more memory than q, k, v."""
+    return 2**18 if q.device.type == "cpu" else q.numel()
+
+
+def group_chunks(sizes: list[int], per_view: int, budget: int) -> list[tuple[int, int]]:
+    """Consecutive runs [first, stop) of groups whose `sizes` views hold at most `budget` elements (or one group)."""
+    chunks, first, held = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > first and (held + size) * per_view > budget:
+            chunks.append((first, index))
+            first, held = index, 0
+        held += size
+    return chunks + [(first, len(sizes))] if sizes else chunks
 
 
 def local_attention(
@@ -92,22 +111,32 @@ def local_attention(
 
     By default q/k/v hold the whole padded grid and every window is computed. A row strip passes the
     padded rows from `row_offset` on and only the `groups` of windows it needs (in the plan's group order,
-    so each row sums its windows in the same order as the whole grid would).
+    so each row sums its windows in the same order as the whole grid would). Windows of several groups
+    attend as one batch (`chunk_budget`); each group is scattered on its own, so that no scatter writes a
+    token twice: the same sums in the same order on any device.
     """
     batch, padded_tokens, heads, head_dim = q.shape
-    total = q.new_zeros(batch, padded_tokens, heads * head_dim)
-    count = q.new_zeros(padded_tokens)
+    tokens = window[0] * window[1]
     groups = plan.groups() if groups is None else groups
-    # (V, n) per group; windows within a group are disjoint. Built on the host and sent in one copy: a
-    # blocking host-to-device copy per group would stall the launch queue 16 times per block on a GPU.
-    indices = [window_index(plan, views, window, "cpu", row_offset) for views in groups]
-    sent = to_device(torch.cat([index.flatten() for index in indices] or [torch.zeros(0, dtype=torch.long)]), q.device)
-    for index, flat in zip(indices, sent.split([index.numel() for index in indices])):
-        gathered = [t.index_select(1, flat).unflatten(1, index.shape).flatten(0, 1) for t in (q, k, v)]
-        out = attend(*gathered).unflatten(0, (batch, index.shape[0]))  # (B, V, n, heads·d)
-        total.index_add_(1, flat, out.flatten(1, 2))
-        count.index_add_(0, flat, torch.ones_like(flat, dtype=count.dtype))
-    return total / count.clamp(min=1)[None, :, None]
+    sizes = [len(views) for views in groups]
+    views = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.long)
+    flat = window_index(plan, views, window, row_offset).flatten()
+    count = torch.bincount(flat, minlength=padded_tokens).clamp(min=1)
+    # Built on the host and sent in one copy: a blocking host-to-device copy per group would stall the
+    # launch queue 16 times per block on a GPU.
+    flat, count = to_device(torch.cat([flat, count]), q.device).split([flat.numel(), padded_tokens])
+    total = q.new_zeros(batch, padded_tokens, heads * head_dim)
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size * tokens)
+    for first, stop in group_chunks(sizes, batch * tokens * heads * head_dim, chunk_budget(q)):
+        index = flat[offsets[first] : offsets[stop]]
+        gathered = [t.index_select(1, index).unflatten(1, (-1, tokens)).flatten(0, 1) for t in (q, k, v)]
+        out = attend(*gathered).unflatten(0, (batch, -1)).flatten(1, 2)  # (B, views · tokens, heads·d)
+        for group in range(first, stop):
+            part = slice(offsets[group] - offsets[first], offsets[group + 1] - offsets[first])
+            total.index_add_(1, index[part], out[:, part])
+    return total / count.to(total.dtype)[None, :, None]
 
 
 def strided_global_attention(q, k, v, grid: tuple[int, int], scale: tuple[int, int], attention=attend) -> torch.Tensor:
@@ -151,9 +180,15 @@ class ScaleFusionProcessor:
             key=(geometry.size_px, geometry.step_index, self.block_index),
         )
         local, global_ = self.branches(attn, hidden_states.view(batch, rows, grid[1], channels), plan, window)
-        local, global_ = (attn.to_out[1](attn.to_out[0](t.to(hidden_states.dtype))) for t in (local, global_))
-        low_frequency_correction = self.blur((local - global_).view(batch, rows, grid[1], channels))
+        local, global_ = local.to(hidden_states.dtype), global_.to(hidden_states.dtype)
+        # G and the output projection commute unless G blurs channels: then project both branches first.
+        projected_first = 3 in BLUR_AXES[geometry.fusion_blur]
+        if projected_first:
+            local, global_ = (attn.to_out[1](attn.to_out[0](t)) for t in (local, global_))
+        low_frequency_correction = self.blur((local - global_).view(batch, rows, grid[1], -1))
         fused = global_ + low_frequency_correction.flatten(1, 2)
+        if not projected_first:
+            fused = attn.to_out[1](attn.to_out[0](fused))
         if attn.residual_connection:
             fused = fused + hidden_states
         return fused / attn.rescale_output_factor

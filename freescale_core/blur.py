@@ -1,7 +1,11 @@
 """The Gaussian G that splits attention outputs into low and high frequencies (§4, decision 4).
 
 Separable: one zero-padded 1-D pass per blurred axis, so a k=15 blur costs 15 MACs per element and
-axis instead of k³ for the reference's dense 3-D kernel (same result).
+axis instead of k³ for the reference's dense 3-D kernel (same result). Each pass is a depthwise conv2d
+on a view of the (B, H, W, C) grid, without copying it: the grid already is a channels-last (B, C, H, W)
+image for the H and W passes, and a (B·H, W, C, 1) image for the C pass. That is one vectorised sweep
+per axis on any device (k shifted multiply-adds or a single-channel conv1d are several times slower on
+the CPU).
 """
 
 from __future__ import annotations
@@ -25,40 +29,17 @@ def gaussian_kernel(size: int, sigma: float = 1.0) -> torch.Tensor:
 
 
 def blur_axis(x: torch.Tensor, axis: int, kernel: torch.Tensor) -> torch.Tensor:
-    """Zero-padded 1-D convolution of `x` along `axis` (borders are not renormalised, as in the reference)."""
-    if uses_shifted_sum(x):
-        return blur_axis_shifted(x, axis, kernel)
-    return blur_axis_conv(x, axis, kernel)
-
-
-def uses_shifted_sum(x: torch.Tensor) -> bool:
-    """Where `blur_axis` uses the shifted multiply-adds: fp32 on the CPU, where the single-channel conv1d is
-    slow (on this machine's oneDNN both even give the same bits: taps in order, one fused multiply-add each,
-    from zero). fp16 would round at every tap, and GPUs have fast convs: those keep the conv."""
-    return x.device.type == "cpu" and x.dtype == torch.float32
-
-
-def blur_axis_shifted(x: torch.Tensor, axis: int, kernel: torch.Tensor) -> torch.Tensor:
-    """The same 1-D convolution as k shifted multiply-adds in `x`'s own layout: no transposing copies,
-    no single-channel conv (which is slow on the CPU). Taps that fall into the zero padding are skipped."""
-    size, half = x.shape[axis], kernel.numel() // 2
-    out = torch.zeros_like(x, memory_format=torch.contiguous_format)
-    for tap, weight in enumerate(kernel.to(x.dtype).tolist()):
-        offset = tap - half  # out[i] += weight · x[i + offset]
-        start, stop = max(0, -offset), min(size, size - offset)
-        if stop > start:
-            out.narrow(axis, start, stop - start).add_(x.narrow(axis, start + offset, stop - start), alpha=weight)
-    return out
-
-
-def blur_axis_conv(x: torch.Tensor, axis: int, kernel: torch.Tensor) -> torch.Tensor:
-    """The 1-D convolution as a single-channel conv1d over every line along `axis`."""
-    moved = x.movedim(axis, -1)
-    shape = moved.shape
-    flat = moved.reshape(-1, 1, shape[-1])
-    weight = kernel.to(device=x.device, dtype=x.dtype).view(1, 1, -1)
-    out = F.conv1d(flat, weight, padding=kernel.numel() // 2)
-    return out.reshape(shape).movedim(-1, axis)
+    """Zero-padded 1-D convolution of a (B, H, W, C) grid along `axis` (borders are not renormalised, as in
+    the reference)."""
+    batch, height, width, channels = x.shape
+    size = kernel.numel()
+    if axis == 3:
+        image, groups, taps = x.reshape(batch * height, width, channels, 1), width, (size, 1)
+    else:
+        image, groups, taps = x.permute(0, 3, 1, 2), channels, ((size, 1) if axis == 1 else (1, size))
+    weight = kernel.to(device=x.device, dtype=x.dtype).view(1, 1, *taps).repeat(groups, 1, 1, 1)
+    out = F.conv2d(image, weight, padding=(taps[0] // 2, taps[1] // 2), groups=groups)
+    return out.reshape(x.shape) if axis == 3 else out.permute(0, 2, 3, 1)
 
 
 def gaussian_blur(grid: torch.Tensor, variant: str, size: int) -> torch.Tensor:
@@ -68,4 +49,4 @@ def gaussian_blur(grid: torch.Tensor, variant: str, size: int) -> torch.Tensor:
     kernel = gaussian_kernel(size)
     for axis in BLUR_AXES[variant]:
         grid = blur_axis(grid, axis, kernel)
-    return grid
+    return grid.contiguous()

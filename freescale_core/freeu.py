@@ -8,6 +8,7 @@ block index is what makes the first resnet of `up_blocks.1` follow b1/s1, as in 
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -15,17 +16,32 @@ import torch
 from torch import nn
 
 
-def fourier_filter(x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
-    """Scale the central (2·threshold)² block of the fftshifted spectrum by `scale` (in fp32)."""
-    dtype = x.dtype
-    height, width = x.shape[-2:]
-    mask = torch.ones(height, width, device=x.device)
-    row, col = height // 2, width // 2
-    mask[row - threshold : row + threshold, col - threshold : col + threshold] = scale
-    # ifftshift(fftshift(S) · mask) = S · ifftshift(mask): the same products, without two permuting
-    # copies of the whole complex spectrum.
-    spectrum = torch.fft.fftn(x.float(), dim=(-2, -1)) * torch.fft.ifftshift(mask)
-    return torch.fft.ifftn(spectrum, dim=(-2, -1)).real.to(dtype)
+def fourier_filter(x: torch.Tensor, threshold: int, scale: float, first_row: int = 0, height: int | None = None,
+                   sum_over_rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Scale the central (2·threshold)² block of the fftshifted spectrum of (B, C, H, W) `x` by `scale`.
+
+    That adds (scale − 1) times the inverse transform of just those few coefficients, each
+    X[u, v] = Σ x·e^{−2πi(uy/H + vx/W)}; so they are computed directly (the sums over columns as one real
+    fp32 matrix product, the rest in complex128) and no full-size spectrum exists. `x` may be the rows
+    from `first_row` of an image `height` rows high: `sum_over_rows` then adds every strip's part of the
+    coefficients (B, C, U, V), and each strip rebuilds its own rows."""
+    height = x.shape[-2] if height is None else height
+    width = x.shape[-1]
+
+    def phases(size: int, positions: torch.Tensor) -> torch.Tensor:  # e^{−2πi·position·frequency/size}
+        frequencies = torch.tensor(sorted({u % size for u in range(-threshold, threshold)}), dtype=torch.float64)
+        return torch.exp(-2j * math.pi * positions[:, None].double() * frequencies[None] / size).to(x.device)
+
+    row_phase = phases(height, torch.arange(first_row, first_row + x.shape[-2]))
+    col_phase = phases(width, torch.arange(width))
+    by_column = x.float() @ torch.cat([col_phase.real, col_phase.imag], dim=1).float()  # (B, C, rows, 2V)
+    by_column = torch.complex(*by_column.double().chunk(2, dim=-1))
+    coefficients = torch.einsum("bchv,hu->bcuv", by_column, row_phase)
+    if sum_over_rows is not None:
+        coefficients = sum_over_rows(coefficients)
+    per_row = torch.einsum("bcuv,hu->bchv", coefficients, row_phase.conj()) / (height * width)  # (B, C, rows, V)
+    low = torch.cat([per_row.real, per_row.imag], dim=-1).float() @ torch.cat([col_phase.real.T, col_phase.imag.T]).float()
+    return torch.add(x.float(), low, alpha=scale - 1).to(x.dtype)
 
 
 def freeu_rule(unet: nn.Module, b1: float, b2: float, s1: float, s2: float) -> dict[int, tuple[float, float]]:

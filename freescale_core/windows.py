@@ -78,7 +78,9 @@ class WindowPlan:
         row = torch.arange(self.rows.count).repeat_interleave(self.cols.count)
         col = torch.arange(self.cols.count).repeat(self.rows.count)
         key = (row % 4) * 4 + (col % 4)
-        return [torch.nonzero(key == value).flatten() for value in torch.unique(key)]
+        order = torch.argsort(key, stable=True)  # views by group, ascending inside each
+        sizes = torch.bincount(key, minlength=16)
+        return list(order.split(sizes[sizes > 0].tolist()))
 
 
 def plan_windows(
