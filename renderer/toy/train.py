@@ -27,6 +27,7 @@ import copy
 import math
 import multiprocessing
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from diffusers import StableDiffusionXLPipeline
 
-from renderer.models.builtin import TOY, build_random_pipeline
+from renderer.models.builtin import TOY, build_random_pipeline, build_vae
 from renderer.toy.scenes import draw_scenes
 
 CAPTION_DROPOUT = 0.1
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-lr", type=float, default=3e-4, help="peak learning rate of the UNet and text encoders")
     parser.add_argument("--posterior-shift", type=float,
                         help="added to the VAE's posterior log-variance before its training (default: -7 from random weights, 0 with --init)")
+    parser.add_argument("--vae-groups", type=int,
+                        help="GroupNorm groups of the VAE (default: TOY's 32, or the --init pipeline's; weights carry over)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda: the same script, faster on a GPU")
     parser.add_argument("--log-every", type=int, default=50)
@@ -189,10 +192,16 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     images, captions = draw_dataset(args.dataset, args.seed, processes=max(1, args.threads))
     print(f"drew {len(images)} scenes in {time.time() - started:.1f}s", flush=True)
+    spec = replace(TOY, vae_groups=args.vae_groups or TOY.vae_groups)
     if args.init:
-        pipeline = StableDiffusionXLPipeline.from_pretrained(args.init, dtype=torch.float32).to(args.device)
+        pipeline = StableDiffusionXLPipeline.from_pretrained(args.init, dtype=torch.float32)
+        if args.vae_groups:  # regroup the trained VAE: the group count changes no parameter
+            vae = build_vae(spec)
+            vae.load_state_dict(pipeline.vae.state_dict())
+            pipeline.register_modules(vae=vae)
     else:
-        pipeline = build_random_pipeline(TOY, seed=args.seed).to(args.device)
+        pipeline = build_random_pipeline(spec, seed=args.seed)
+    pipeline.to(args.device)
     held_out = np.stack([scene.image for scene in draw_scenes(HELD_OUT_SEED, 8)])
     shift = args.posterior_shift if args.posterior_shift is not None else (0.0 if args.init else -7.0)
     if args.vae_steps:
