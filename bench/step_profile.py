@@ -8,8 +8,9 @@ For each size (a 4x and an 8x stage of the tiny model's 256 px training size), o
 (`renderer.stages.predict_noise`) is timed plain (no FreeScale, no FreeU) and under `freescale_mode` at a
 dilated step (i < dilate_tau) and a plain-conv step (i = dilate_tau), all in one process, interleaved
 round by round: warm-up, then `--repeats` rounds; the ratio to plain is the median of the rounds'
-ratios. `--ablations` adds one row per component switched on alone (FreeU, dilation, scale fusion). `--components` times the pieces of FreeScale inside one call (synchronising the device
-around each, so their sum is not the step time); `--profile` prints torch.profiler tables of one plain
+ratios. `--ablations` adds one row per component switched on alone (FreeU, dilation, scale fusion).
+`--components` times the pieces of FreeScale inside one call (synchronising the device around each, so
+their sum is not the step time); `--profile` prints torch.profiler tables of one plain
 and one FreeScale call, and the per-op difference. Next to the measured times, a FLOP/byte model of each
 part of the step (convs and linears, global attention, windows, blur, FreeU) from the UNet's modules and
 the stage geometry.
@@ -179,7 +180,7 @@ def instrumented(unet: nn.Module, components: Components):
                 return self.processor(*args, **kwargs)
 
     def filter_(x, threshold, scale):
-        with components.part("FreeU skip filter (FFT)"):
+        with components.part("FreeU skip filter"):
             return fourier_filter(x, threshold, scale)
 
     handles = []
@@ -329,18 +330,24 @@ def flop_model(record: Census, unet: nn.Module, size: int, config: FreeScaleConf
         add("FS: window attention", 4 * batch * views * n * n * channels,
             # gather q, k, v (read + write) and scatter-add the outputs (read out, read + write total)
             (6 + 3) * batch * views * n * channels * element_bytes)
-        add("FS: padded q/k/v + 2nd out-proj", 2 * batch * ((padded - tokens) * 3 + tokens) * channels * channels,
-            2 * batch * (padded + tokens) * channels * element_bytes)
+        # the padding's q/k/v; a second output projection only where G blurs channels (else fusion projects once)
+        second_projection = tokens if 3 in BLUR_AXES[config.fusion_blur] else 0
+        add("FS: padded q/k/v (+ 2nd out-proj if G blurs channels)",
+            2 * batch * ((padded - tokens) * 3 + second_projection) * channels * channels,
+            2 * batch * (padded + second_projection) * channels * element_bytes)
         k = kernel_size(scale)
         axes = len(BLUR_AXES[config.fusion_blur])
         add("FS: blur + fusion", 2 * batch * tokens * channels * k * axes, (2 * axes + 4) * batch * tokens * channels * element_bytes)
     for batch, tokens, context, channels in record.attn2:
         add("cross-attention (plain)", 4 * batch * tokens * context * channels, 0)
     for shape in record.skips:
-        points = shape[-1] * shape[-2]
-        transforms = math.prod(shape[:-2])
-        # complex FFT ≈ 5 M log2 M flops, forward and inverse; fp32 complex passes: fft, shift, mask, shift, ifft, real
-        add("FS: FreeU FFT filter", 2 * 5 * transforms * points * math.log2(points), 6 * 8 * transforms * points)
+        height, width = shape[-2:]
+        planes = math.prod(shape[:-2])
+        # the filter's (≤ 2)² Fourier coefficients: sums over columns (x @ 2V real phases), the rebuild
+        # (2V phases @ W columns) and the multiply-add; fp32 passes: read x, write the rebuild, read both, write
+        columns = 2 * min(2, width)
+        add("FS: FreeU filter (its Fourier coefficients)", planes * height * width * (2 * 2 * columns + 2),
+            5 * 4 * planes * height * width)
     add("FS: dilation", 0, 0)
     return {name: (flops, moved) for name, (flops, moved) in parts.items()}
 

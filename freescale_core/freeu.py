@@ -34,13 +34,14 @@ def fourier_filter(x: torch.Tensor, threshold: int, scale: float, first_row: int
 
     row_phase = phases(height, torch.arange(first_row, first_row + x.shape[-2]))
     col_phase = phases(width, torch.arange(width))
-    by_column = x.float() @ torch.cat([col_phase.real, col_phase.imag], dim=1).float()  # (B, C, rows, 2V)
+    columns = torch.cat([col_phase.real, col_phase.imag], dim=1).float()  # (W, 2V): cos and sin
+    by_column = x.float() @ columns  # (B, C, rows, 2V)
     by_column = torch.complex(*by_column.double().chunk(2, dim=-1))
     coefficients = torch.einsum("bchv,hu->bcuv", by_column, row_phase)
     if sum_over_rows is not None:
         coefficients = sum_over_rows(coefficients)
     per_row = torch.einsum("bcuv,hu->bchv", coefficients, row_phase.conj()) / (height * width)  # (B, C, rows, V)
-    low = torch.cat([per_row.real, per_row.imag], dim=-1).float() @ torch.cat([col_phase.real.T, col_phase.imag.T]).float()
+    low = torch.cat([per_row.real, per_row.imag], dim=-1).float() @ columns.T
     return torch.add(x.float(), low, alpha=scale - 1).to(x.dtype)
 
 
