@@ -25,6 +25,7 @@ timeout 240 python3 bench/cascade.py --model sdxl-random --device cuda --stages 
 
 echo "== train the toy model on the GPU"
 timeout 330 python3 -m renderer.toy.train --out renderer/models/toy_weights --device cuda --threads 16 \
+  --vae-groups 8 --vae-channels 32,64,128,112 \
   --vae-steps 1500 --unet-steps 4000 --batch 16 --log-every 500 && \
   tar -cf /tmp/toy.tar -C renderer/models toy_weights && split -b 15M /tmp/toy.tar "$OUT/toy.tar.part-"
 
