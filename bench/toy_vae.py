@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from renderer.models import load_pipeline  # noqa: E402
 from renderer.toy.metrics import count_subjects  # noqa: E402
 from renderer.toy.scenes import COLOURS, draw_scenes  # noqa: E402
-from renderer.toy.train import HELD_OUT_SEED, SUBJECT_SATURATION, to_tensor  # noqa: E402
+from renderer.toy.train import HELD_OUT_SEED, SUBJECT_SATURATION, round_trip, to_tensor  # noqa: E402
 
 
 def circular_mean(degrees) -> float:
@@ -45,10 +45,9 @@ def main() -> None:
 
     vae = load_pipeline(args.model).vae
     scenes = draw_scenes(HELD_OUT_SEED, args.scenes, args.size)
-    images = to_tensor(np.stack([scene.image for scene in scenes]))
-    with torch.no_grad():
-        decoded = torch.cat([vae.decode(vae.encode(part).latent_dist.mean).sample.clamp(-1, 1) for part in images.split(16)])
-    print(f"round-trip mean |error| on [-1, 1]: {float((decoded - images).abs().mean()):.4f}")
+    images = np.stack([scene.image for scene in scenes])
+    decoded = round_trip(vae, images)
+    print(f"round-trip mean |error| on [-1, 1]: {float((decoded - to_tensor(images)).abs().mean()):.4f}")
     pixels = ((decoded.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
     rows: dict[str, list[tuple[bool, float, float]]] = defaultdict(list)
