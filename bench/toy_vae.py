@@ -1,6 +1,6 @@
 """Does the toy VAE keep what the UNet draws? Its round trip on held-out scenes, colour by colour.
 
-    python bench/toy_vae.py [--model toy] [--scenes 48] [--size 256]
+    python bench/toy_vae.py [--model toy] [--scenes 48] [--size 256] [--sheet round_trip.png]
 
 Every FreeScale stage re-encodes the upsampled image, so a colour the VAE's round trip (encode, posterior
 mean, decode) loses is lost at every stage. For each palette colour this prints how many scenes keep it
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--model", default="toy")
     parser.add_argument("--scenes", type=int, default=48)
     parser.add_argument("--size", type=int, default=256, help="pixels a side of the scenes")
+    parser.add_argument("--sheet", type=Path, help="also save the first 12 scenes (top row) over their round trips (PNG)")
     args = parser.parse_args()
 
     vae = load_pipeline(args.model).vae
@@ -49,6 +50,9 @@ def main() -> None:
     decoded = round_trip(vae, images)
     print(f"round-trip mean |error| on [-1, 1]: {float((decoded - to_tensor(images)).abs().mean()):.4f}")
     pixels = ((decoded.permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    if args.sheet:
+        shown = slice(0, min(12, len(scenes)))
+        Image.fromarray(np.concatenate([np.concatenate(list(row[shown]), axis=1) for row in (images, pixels)])).save(args.sheet)
 
     rows: dict[str, list[tuple[bool, float, float]]] = defaultdict(list)
     for scene, after in zip(scenes, pixels):

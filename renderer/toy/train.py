@@ -101,12 +101,15 @@ def vae_loss(reconstruction: torch.Tensor, images: torch.Tensor, posterior) -> t
             + 1e-6 * posterior.kl().mean())
 
 
-def train_vae(vae, images: np.ndarray, steps: int, batch: int, seed: int, log_every: int, lr: float) -> None:
+def train_vae(vae, images: np.ndarray, rates: list[float], batch: int, seed: int, log_every: int) -> None:
+    """One AdamW step per learning rate in `rates`, on random batches of `images`."""
     generator = torch.Generator().manual_seed(seed)
     device = next(vae.parameters()).device
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    start = time.time()
-    for step in range(steps):
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=rates[0], weight_decay=0.0)
+    start, steps = time.time(), len(rates)
+    for step, rate in enumerate(rates):
+        for group in optimizer.param_groups:
+            group["lr"] = rate
         index = torch.randint(0, len(images), (batch,), generator=generator).numpy()
         images_ = to_tensor(images[index]).to(device)
         posterior = vae.encode(images_).latent_dist
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", type=int, default=4096, help="scenes encoded for UNet training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", type=Path, help="continue from this trained pipeline folder instead of random weights")
-    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the VAE (cosine decay over all its steps)")
     parser.add_argument("--unet-lr", type=float, default=3e-4, help="peak learning rate of the UNet and text encoders")
     parser.add_argument("--posterior-shift", type=float,
                         help="added to the VAE's posterior log-variance before its training (default: -7 for a fresh VAE, else 0)")
@@ -256,11 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.vae_steps or args.vae_warmup_steps:
         print(f"vae round trip before: {round_trip_error(vae, held_out):.4f}", flush=True)
         vae.train().requires_grad_(True)
+    # one schedule over both phases, so the full-size steps refine at the low end of it instead of restarting
+    vae_steps = args.vae_warmup_steps + args.vae_steps
+    rates = [learning_rate(step, vae_steps, args.vae_lr, warmup=min(50, vae_steps // 4)) for step in range(vae_steps)]
     if args.vae_warmup_steps:
         small, _ = draw_dataset(args.dataset, args.seed, max(1, args.threads), size=SCENE_SIZE // 2)
-        train_vae(vae, small, args.vae_warmup_steps, 2 * vae_batch, args.seed, args.log_every, args.vae_lr)
+        train_vae(vae, small, rates[: args.vae_warmup_steps], 2 * vae_batch, args.seed, args.log_every)
     if args.vae_steps:
-        train_vae(vae, images, args.vae_steps, vae_batch, args.seed + 1, args.log_every, args.vae_lr)
+        train_vae(vae, images, rates[args.vae_warmup_steps :], vae_batch, args.seed + 1, args.log_every)
     vae.eval().requires_grad_(False)
     print(f"vae round trip on held-out scenes: {round_trip_error(vae, held_out):.4f}", flush=True)
 
