@@ -105,16 +105,18 @@ def test_a_worker_that_cannot_load_the_model_is_a_one_line_error(ray_session, tm
 def test_workers_without_the_memory_of_the_plan_are_refused_before_any_stage(ray_session, tmp_path):
     """--workers 2 at 16384² with the tiny model: each CPU worker needs about 48 GiB for its share of the last
     stage's VAE encode, and both share this machine's node. One line naming the need and the free memory, and
-    the gang's reservation is released."""
+    the gang's reservation is released: all the session's CPUs come back (not merely as many as were free at the
+    start, which an earlier test's gang, still being released then, would have lowered)."""
     import ray
 
-    before = ray.available_resources().get("CPU")
+    total = ray.cluster_resources()["CPU"]
     request = RenderRequest(prompt="p", stages=((256, 256), (16384, 16384)), steps=2, workers=2, out=tmp_path / "x.tif")
     with pytest.raises(RenderError, match=r"^--workers 2: 2 of them share one node and need about 2 x \d+\.\d GiB beyond the "
                                           r"model there, but it has \d+\.\d GiB free \(.*\); spread the workers") as caught:
         render(request, progress=False)
     assert "\n" not in str(caught.value)
-    wait_until(lambda: ray.available_resources().get("CPU") == before, 30, "the gang's CPUs back")
+    wait_until(lambda: ray.available_resources().get("CPU") == total, 30,
+               lambda: f"the gang's CPUs back: {ray.available_resources().get('CPU')} of {total} free")
 
 
 def test_auto_vae_mode_sizes_a_sharded_decode_by_the_strip_and_the_workers_memory(tiny_pipeline, tmp_path):
