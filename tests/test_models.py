@@ -1,7 +1,9 @@
 """Model loading: a saved diffusers folder and the packed single file render the same image as the built-in model;
-bad model inputs give a RenderError naming the path."""
+bad model inputs give a RenderError naming the path; the shipped toy weights fit their budget and their spec."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 from renderer import RenderError, RenderRequest, render
 from renderer.models import load_pipeline, model_geometry, save_single_file
+from renderer.models.builtin import TOY, TOY_WEIGHTS
 
 PROMPT = "a blue bicycle"
 
@@ -137,3 +140,16 @@ def test_broken_diffusers_folder(tmp_path):
     folder.mkdir()
     (folder / "model_index.json").write_text("{ this is not json")
     assert_render_error_names(str(folder))
+
+
+def test_shipped_toy_weights_fit_the_budget_and_match_the_toy_spec():
+    """Issue 13's weight budget (40 MB, decimal, every file of the folder) and the spec that `peek_geometry` and
+    `renderer.toy.train` read: the shipped configs must say what TOY says."""
+    files = [path for path in TOY_WEIGHTS.rglob("*") if path.is_file()]
+    total = sum(path.stat().st_size for path in files)
+    assert total <= 40_000_000, f"toy weights hold {total:,} bytes"
+    vae = json.loads((TOY_WEIGHTS / "vae" / "config.json").read_text())
+    unet = json.loads((TOY_WEIGHTS / "unet" / "config.json").read_text())
+    assert (tuple(vae["block_out_channels"]), vae["norm_num_groups"]) == (TOY.vae_channels, TOY.vae_groups)
+    assert (tuple(unet["block_out_channels"]), unet["norm_num_groups"], unet["sample_size"]) == (
+        TOY.unet_channels, TOY.unet_groups, TOY.sample_size)

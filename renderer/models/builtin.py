@@ -47,7 +47,7 @@ TINY = ArchitectureSpec(
 )
 TOY = ArchitectureSpec(
     sample_size=32, unet_channels=(64, 128, 192), transformer_layers=(1, 1, 1), attention_heads=(2, 4, 6),
-    unet_groups=32, time_embed_dim=16, vae_channels=(32, 64, 128, 128), vae_layers=1, vae_groups=32,
+    unet_groups=32, time_embed_dim=16, vae_channels=(32, 64, 128, 112), vae_layers=1, vae_groups=8,
     text_hidden=(64, 64), text_layers=(2, 2), text_heads=(2, 2), vocab_size=None,
 )
 SDXL = ArchitectureSpec(
