@@ -1,6 +1,7 @@
 """Quality benchmark of the toy model: does FreeScale keep one subject where direct inference repeats it?
 
     python bench/quality.py --device cuda --seeds 8 --steps 50 --out-dir bench/results/quality
+    python bench/quality.py --seeds 8 --steps 30 --variants "FreeScale 4x" --set restart_fraction=0.8
 
 For each seed (prompt "a <colour> creature", colour cycling through the palette) it renders at the
 training size, by direct inference at 4× and 8×, with FreeScale at 4× and 8×, and the paper's ablations
@@ -30,11 +31,10 @@ from renderer.toy.metrics import count_subjects  # noqa: E402
 from renderer.toy.scenes import COLOURS  # noqa: E402
 
 
-def variants(train: int, with_8x: bool) -> dict[str, tuple[list[tuple[int, int]], FreeScaleConfig]]:
+def variants(train: int, with_8x: bool, fs: FreeScaleConfig) -> dict[str, tuple[list[tuple[int, int]], FreeScaleConfig]]:
     def cascade(scale: int) -> list[tuple[int, int]]:
         return [(train * 2**k, train * 2**k) for k in range(scale.bit_length())]
 
-    fs = FreeScaleConfig()
     direct = replace(fs, freeu=False)
     table = {
         "training size (1x)": ([(train, train)], fs),
@@ -60,6 +60,19 @@ def labelled_row(label: str, row: np.ndarray) -> np.ndarray:
     return np.asarray(canvas)
 
 
+def overrides(pairs: list[str]) -> dict[str, float]:
+    """--set restart_fraction=0.7 --set freeu=0 → FreeScaleConfig fields; the numeric and on/off ones only."""
+    numeric = {name: type(value) for name, value in FreeScaleConfig().to_dict().items() if not isinstance(value, str)}
+    chosen = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            chosen[name] = numeric[name](float(value))
+        except (KeyError, ValueError):
+            raise SystemExit(f"--set {pair}: use NAME=NUMBER with NAME one of {', '.join(numeric)}") from None
+    return chosen
+
+
 def colour_for(seed: int) -> str:
     return list(COLOURS)[seed % len(COLOURS)]
 
@@ -73,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--no-8x", action="store_true", help="skip the 8x renders (slow on CPU)")
     parser.add_argument("--variants", help="comma-separated subset of the variant names (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=NUMBER",
+                        help="override a FreeScaleConfig field in every row, e.g. restart_fraction=0.7 (repeatable)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results/quality"))
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     pipeline = load_pipeline(args.model, args.device, dtype)
     train = model_geometry(pipeline).train_px
     rows, sheet = {}, []
-    chosen = variants(train, not args.no_8x)
+    chosen = variants(train, not args.no_8x, FreeScaleConfig(**overrides(args.set)))
     if args.variants:
         chosen = {name: chosen[name] for name in args.variants.split(",")}
     for name, (stages, config) in chosen.items():
@@ -105,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             "mean_subjects": float(np.mean([c.subjects for c in counts])),
             "largest_share": float(np.mean([c.largest_share for c in counts])),
             "seconds": float(np.mean(seconds)), "per_seed": [c.subjects for c in counts],
+            "eyes_per_seed": [c.eyes[0] if c.subjects else 0 for c in counts],
             "prompt_colour": sum(matches) / len(matches),
         }
         sheet.append(labelled_row(name, np.concatenate(thumbs, axis=1)))

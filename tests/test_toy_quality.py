@@ -1,5 +1,5 @@
 """What FreeScale fixes, measured with the shipped toy model: at 4× its training size, direct inference
-repeats the creature; FreeScale keeps one, with its two eyes."""
+repeats the creature; FreeScale, with the toy's recommended restart (`make demo`), keeps one, with its two eyes."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from renderer.toy.metrics import SubjectCount, count_subjects
 pytest.importorskip("scipy")
 
 STEPS, TRAIN = 8, 256
+TOY_SETTINGS = FreeScaleConfig(restart_fraction=0.8)  # what `make demo` and the README recommend for the toy
 CASCADE_4X = ((TRAIN, TRAIN), (2 * TRAIN, 2 * TRAIN), (4 * TRAIN, 4 * TRAIN))
 
 
@@ -32,11 +33,11 @@ def test_direct_inference_at_4x_repeats_the_creature(toy):
 
 
 def test_freescale_at_4x_keeps_one_creature_with_two_eyes(toy):
-    # At these 8 steps FreeScale kept one creature in 11 of seeds 0–11 and both eyes in two of them, 7 and 8
-    # (at 30 steps: 14 of 16 and 5 of 16, docs/benchmarks.md); the eye count is the fragile half, so one of the
-    # two must keep both eyes while both must stay one creature of the prompt's colour.
+    # At these 8 steps, with the toy's settings, FreeScale kept one creature in 11 of seeds 0–11 and both eyes
+    # in 7 of them, 7 and 8 among them (at 30 steps: 15 of 16 and 9 of 16, docs/benchmarks.md); seed 7 is the
+    # demo's. Each must stay one creature of the prompt's colour with its two eyes.
     prompts = {7: "an orange creature", 8: "a yellow creature"}
-    found = [counted(toy, seed, prompt, CASCADE_4X, FreeScaleConfig()) for seed, prompt in prompts.items()]
+    found = [counted(toy, seed, prompt, CASCADE_4X, TOY_SETTINGS) for seed, prompt in prompts.items()]
     assert [c.subjects for c in found] == [1, 1], found
     assert [c.colour for c in found] == ["orange", "yellow"], found
-    assert any(c.eyes == (2,) for c in found), found
+    assert [c.eyes for c in found] == [(2,), (2,)], found
