@@ -29,8 +29,8 @@ timeout 330 python3 -m renderer.toy.train --out renderer/models/toy_weights --de
   --vae-steps 1500 --unet-steps 4000 --batch 16 --log-every 500 && \
   tar -cf /tmp/toy.tar -C renderer/models toy_weights && split -b 15M /tmp/toy.tar "$OUT/toy.tar.part-"
 
-echo "== quality benchmark on the GPU"
-timeout 300 python3 bench/quality.py --device cuda --seeds 8 --steps 50 --out-dir "$OUT/quality"
+echo "== quality benchmark on the GPU, the toy's settings (restart 0.8)"
+timeout 300 python3 bench/quality.py --device cuda --seeds 8 --steps 50 --set restart_fraction=0.8 --out-dir "$OUT/quality"
 
 echo "== sharded path on CUDA (2 ranks sharing the GPU over gloo) vs one process"
 timeout 280 python3 bench/gpu_sharded.py --sdxl-size 4096
