@@ -67,9 +67,13 @@ def overrides(pairs: list[str]) -> dict[str, float]:
     for pair in pairs:
         name, _, value = pair.partition("=")
         try:
-            chosen[name] = numeric[name](float(value))
+            kind, number = numeric[name], float(value)
         except (KeyError, ValueError):
             raise SystemExit(f"--set {pair}: use NAME=NUMBER with NAME one of {', '.join(numeric)}") from None
+        fits = kind is float or (number in (0, 1) if kind is bool else number.is_integer())
+        if not fits:
+            raise SystemExit(f"--set {pair}: {name} takes {'0 or 1' if kind is bool else 'a whole number'}")
+        chosen[name] = kind(number)
     return chosen
 
 
