@@ -194,7 +194,7 @@ def instrumented(unet: nn.Module, components: Components):
             components.calls[name] += 1
 
         handles += [conv.register_forward_pre_hook(pre), conv.register_forward_hook(post)]
-    fs_attention.project = timed("    q/k/v projection (padded grid)", original["project"])
+    fs_attention.project = timed("    q/k/v projection (grid + zero token)", original["project"])
     fs_attention.local_attention = timed("    window attention (gather, attend, scatter)", original["local_attention"])
     attentions = self_attentions(unet)
     saved = [module.processor for module in attentions]
@@ -326,15 +326,15 @@ def flop_model(record: Census, unet: nn.Module, size: int, config: FreeScaleConf
         window = window_shape((h, w), (size, size), unet.config.sample_size, downsample)
         plan = plan_windows((h, w), window, config.window_jitter, 0, key=(0,))
         views, n = len(plan.starts_h), window[0] * window[1]
-        padded = plan.padded_shape[0] * plan.padded_shape[1]
         add("FS: window attention", 4 * batch * views * n * n * channels,
             # gather q, k, v (read + write) and scatter-add the outputs (read out, read + write total)
             (6 + 3) * batch * views * n * channels * element_bytes)
-        # the padding's q/k/v; a second output projection only where G blurs channels (else fusion projects once)
+        # the zero token's q/k/v (it stands for the padding; appending it copies the block's input once);
+        # a second output projection only where G blurs channels (else fusion projects once)
         second_projection = tokens if 3 in BLUR_AXES[config.fusion_blur] else 0
-        add("FS: padded q/k/v (+ 2nd out-proj if G blurs channels)",
-            2 * batch * ((padded - tokens) * 3 + second_projection) * channels * channels,
-            2 * batch * (padded + second_projection) * channels * element_bytes)
+        add("FS: zero token's q/k/v (+ 2nd out-proj if G blurs channels)",
+            2 * batch * (3 + second_projection) * channels * channels,
+            2 * batch * (tokens + second_projection) * channels * element_bytes)
         k = kernel_size(scale)
         axes = len(BLUR_AXES[config.fusion_blur])
         add("FS: blur + fusion", 2 * batch * tokens * channels * k * axes, (2 * axes + 4) * batch * tokens * channels * element_bytes)

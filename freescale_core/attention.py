@@ -1,8 +1,9 @@
 """Scale fusion (§4): every self-attention output = G(local windows) + global − G(global).
 
-Installed as a diffusers attention processor on each `attn1`. The projections run once on the
-(zero-padded) token grid; the local branch gathers windows in batches (whole groups of non-overlapping
-windows, about 1 MiB on the CPU) and runs each batch as one attention; the global branch is one full
+Installed as a diffusers attention processor on each `attn1`. The projections run once, on the token
+grid and one zero token that stands for the windows' zero padding; the local branch gathers windows in
+batches (whole groups of non-overlapping windows, about 1 MiB on the CPU) and runs each batch as one
+attention; the global branch is one full
 attention (or, in fast mode, all strided sub-grids as one batch). Because G is linear,
 G(local) + global − G(global) is computed as global + G(local − global), one blur instead of two; and,
 where G leaves the channels alone, as to_out(global + G(local − global)) on the attention outputs: one
@@ -79,6 +80,18 @@ def window_index(plan: WindowPlan, views: torch.Tensor, window: tuple[int, int],
     return flat.flatten(1)
 
 
+def grid_then_zero_token(plan: WindowPlan) -> torch.Tensor:
+    """For every padded-grid position, its row in tokens laid out as the unpadded grid then one zero token.
+
+    The padding's keys and values are a zero token's, so windows can be gathered from the unpadded grid's
+    projections plus that one token, instead of projecting the padded grid."""
+    height, width = plan.rows.grid, plan.cols.grid
+    rows, cols = plan.rows.jitter, plan.cols.jitter
+    index = torch.full(plan.padded_shape, height * width)
+    index[rows : rows + height, cols : cols + width] = torch.arange(height * width).view(height, width)
+    return index.flatten()
+
+
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a host tensor to `device` without making the host wait for the device (pinned, non-blocking)."""
     if device.type != "cuda":
@@ -106,38 +119,49 @@ def group_chunks(sizes: list[int], per_view: int, budget: int) -> list[tuple[int
 
 def local_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, window: tuple[int, int],
-    groups: list[torch.Tensor] | None = None, row_offset: int = 0,
+    groups: list[torch.Tensor] | None = None, row_offset: int = 0, token_of: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Uniform average of windowed attention over a padded grid; q/k/v (B, P, heads, d) → (B, P, heads·d).
+    """Uniform average of windowed attention over a padded grid; q/k/v (B, N, heads, d) → (B, N, heads·d).
 
-    By default q/k/v hold the whole padded grid and every window is computed. A row strip passes the
-    padded rows from `row_offset` on and only the `groups` of windows it needs (in the plan's group order,
-    so each row sums its windows in the same order as the whole grid would). Windows of several groups
+    By default q/k/v hold the whole padded grid (N positions) and every window is computed; `token_of`
+    instead maps each padded position to its row of q/k/v (see `grid_then_zero_token`). A row strip passes
+    the padded rows from `row_offset` on and only the `groups` of windows it needs (in the plan's group
+    order, so each row sums its windows in the same order as the whole grid would). Every (token, head)
+    is gathered as one row of d values, so a batch of windows arrives as one contiguous (windows, heads,
+    L, d) attention input and its output scatters back without a transpose. Windows of several groups
     attend as one batch (`chunk_budget`); each group is scattered on its own, so that no scatter writes a
-    token twice: the same sums in the same order on any device.
+    row twice (except rows that a `token_of` sends several positions to, whose sums go unused): the same
+    sums in the same order on any device. Rows that no window covers are zero.
     """
-    batch, padded_tokens, heads, head_dim = q.shape
+    batch, sources, heads, head_dim = q.shape
     tokens = window[0] * window[1]
     groups = plan.groups() if groups is None else groups
     sizes = [len(views) for views in groups]
     views = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.long)
-    flat = window_index(plan, views, window, row_offset).flatten()
-    count = torch.bincount(flat, minlength=padded_tokens).clamp(min=1)
+    flat = window_index(plan, views, window, row_offset)
+    if token_of is not None:
+        flat = token_of[flat]
+    count = torch.bincount(flat.flatten(), minlength=sources).clamp(min=1)
+    # Rows of (B·N·heads, d), ordered view, batch, head, window token: a run of views is a slice.
+    batch_token = torch.arange(batch)[:, None] * sources + flat[:, None, :]  # (V, B, L)
+    index = (batch_token[:, :, None, :] * heads + torch.arange(heads)[:, None]).flatten()
     # Built on the host and sent in one copy: a blocking host-to-device copy per group would stall the
     # launch queue 16 times per block on a GPU.
-    flat, count = to_device(torch.cat([flat, count]), q.device).split([flat.numel(), padded_tokens])
-    total = q.new_zeros(batch, padded_tokens, heads * head_dim)
+    index, count = to_device(torch.cat([index, count]), q.device).split([index.numel(), sources])
+    rows_of = [t.reshape(-1, head_dim) for t in (q, k, v)]
+    total = q.new_zeros(batch * sources * heads, head_dim)
+    per_view = batch * heads * tokens
     offsets = [0]
     for size in sizes:
-        offsets.append(offsets[-1] + size * tokens)
-    for first, stop in group_chunks(sizes, batch * tokens * heads * head_dim, chunk_budget(q)):
-        index = flat[offsets[first] : offsets[stop]]
-        gathered = [t.index_select(1, index).unflatten(1, (-1, tokens)).flatten(0, 1) for t in (q, k, v)]
-        out = attend(*gathered).unflatten(0, (batch, -1)).flatten(1, 2)  # (B, views · tokens, heads·d)
+        offsets.append(offsets[-1] + size * per_view)
+    for first, stop in group_chunks(sizes, per_view * head_dim, chunk_budget(q)):
+        chunk = index[offsets[first] : offsets[stop]]
+        q_w, k_w, v_w = (t.index_select(0, chunk).view(-1, heads, tokens, head_dim) for t in rows_of)
+        out = F.scaled_dot_product_attention(q_w, k_w, v_w).view(-1, head_dim)
         for group in range(first, stop):
             part = slice(offsets[group] - offsets[first], offsets[group + 1] - offsets[first])
-            total.index_add_(1, index[part], out[:, part])
-    return total / count.to(total.dtype)[None, :, None]
+            total.index_add_(0, chunk[part], out[part])
+    return total.view(batch, sources, heads * head_dim).div_(count.to(total.dtype)[:, None])
 
 
 def strided_global_attention(q, k, v, grid: tuple[int, int], scale: tuple[int, int], attention=attend) -> torch.Tensor:
@@ -208,16 +232,10 @@ class ScaleFusionProcessor:
 
     def local_branch(self, attn: Attention, hidden: torch.Tensor, plan: WindowPlan, window: tuple[int, int]):
         """Window attention for the rows of `hidden` (B, rows, W, C), and the rows' own q, k, v."""
-        pad_h, pad_w = plan.rows.jitter, plan.cols.jitter
-        batch, rows, width, _ = hidden.shape
-        padded = F.pad(hidden, (0, 0, pad_w, pad_w, pad_h, pad_h))
-        q, k, v = project(attn, padded.flatten(1, 2))
-        local = local_attention(q, k, v, plan, window)
-
-        def interior(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(1, padded.shape[1:3])[:, pad_h : pad_h + rows, pad_w : pad_w + width].flatten(1, 2)
-
-        return interior(local), (interior(q), interior(k), interior(v))
+        # The grid's tokens and one zero token after them, whose k/v stand for the zero padding.
+        q, k, v = project(attn, F.pad(hidden.flatten(1, 2), (0, 0, 0, 1)))
+        local = local_attention(q, k, v, plan, window, token_of=grid_then_zero_token(plan))
+        return local[:, :-1], (q[:, :-1], k[:, :-1], v[:, :-1])
 
     def global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return attend(q, k, v)

@@ -4,6 +4,7 @@ that follow from fp32 arithmetic rather than from one machine.
 - The blur's depthwise conv per axis against the exact (float64) zero-padded 1-D sums.
 - FreeU's filter from the few Fourier coefficients it changes against the reference's fftshifted spectrum.
 - The window batches: any batch size gives the very same sums as one group at a time.
+- The windows gathered from the unpadded grid and one zero token: the very same sums as from the padded grid.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import freescale_core.attention as fs_attention
-from freescale_core.attention import group_chunks, local_attention
+from freescale_core.attention import grid_then_zero_token, group_chunks, local_attention
 from freescale_core.blur import blur_axis, gaussian_kernel
 from freescale_core.freeu import fourier_filter
 from freescale_core.windows import plan_windows
@@ -103,3 +104,29 @@ def test_window_batches_give_the_same_sums_as_one_group_at_a_time(monkeypatch, g
         monkeypatch.setattr(fs_attention, "chunk_budget", lambda _q, budget=budget: budget)
         results.append(local_attention(q, k, v, plan, window))
     assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+@pytest.mark.parametrize("grid, window, jitter", [((24, 24), (8, 8), True), ((20, 36), (6, 12), True), ((16, 16), (8, 8), False)])
+def test_windows_from_the_grid_and_a_zero_token_equal_windows_on_the_padded_grid(grid, window, jitter):
+    """Every window attends over the very same q/k/v values either way (the padding's are the zero
+    token's), and every interior token sums its windows in the same order: bitwise equal."""
+    plan = plan_windows(grid, window, jitter, 5, ("test",))
+    (rows, cols), (pad_h, pad_w) = grid, (plan.rows.jitter, plan.cols.jitter)
+    ramp = torch.linspace(-1, 1, rows * cols)[None, :, None, None]
+    unpadded = [torch.randn(2, rows * cols + 1, 3, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for i, t in enumerate(unpadded):
+        t[:, :-1] += (i + 1) * ramp  # structured: a per-token offset, and a zero token unlike any grid token
+    padded = []
+    for t in unpadded:
+        grid_t = t[:, -1:, None].expand(2, plan.padded_shape[0], plan.padded_shape[1], 3, 8).clone()
+        grid_t[:, pad_h : pad_h + rows, pad_w : pad_w + cols] = t[:, :-1].unflatten(1, grid)
+        padded.append(grid_t.flatten(1, 2))
+    expected = local_attention(*padded, plan, window).unflatten(1, plan.padded_shape)
+    expected = expected[:, pad_h : pad_h + rows, pad_w : pad_w + cols].flatten(1, 2)
+    got = local_attention(*unpadded, plan, window, token_of=grid_then_zero_token(plan))
+    assert got.shape == (2, rows * cols + 1, 24)
+    assert torch.equal(got[:, :-1], expected)
+    if jitter:  # the padding took part: the zero token's values matter
+        shifted = [t.clone() for t in unpadded]
+        shifted[1][:, -1] += 1
+        assert not torch.equal(local_attention(*shifted, plan, window, token_of=grid_then_zero_token(plan))[:, :-1], expected)
