@@ -8,7 +8,7 @@ import torch
 
 from renderer.models import load_pipeline
 from renderer.toy.scenes import draw_scenes
-from renderer.toy.train import SUBJECT_MARGIN, SUBJECT_SATURATION, SUBJECT_WEIGHT, main, subject_weights, to_tensor
+from renderer.toy.train import SUBJECT_MARGIN, SUBJECT_SATURATION, SUBJECT_WEIGHT, draw_dataset, main, subject_weights, to_tensor
 
 
 def test_subject_weights_cover_the_creature_with_its_eyes_and_nothing_far_from_it():
@@ -51,3 +51,11 @@ def test_new_vae_widths_need_a_fresh_vae(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--init", str(tmp_path), "--vae-channels", "32,64,128,112"])
     assert "--fresh-vae" in capsys.readouterr().err
+
+
+def test_the_dataset_is_the_same_drawn_in_process_or_by_a_pool():
+    """Two chunks of 64 scenes, drawn in this process and by two spawned processes: the same pixels and captions."""
+    alone, alone_captions = draw_dataset(128, 5, processes=1, size=32)
+    pooled, pooled_captions = draw_dataset(128, 5, processes=2, size=32)
+    assert alone.shape == (128, 32, 32, 3) and np.array_equal(alone, pooled) and alone_captions == pooled_captions
+    assert not np.array_equal(alone[:64], alone[64:])  # each chunk from its own seed

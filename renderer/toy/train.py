@@ -69,8 +69,11 @@ def _draw_chunk(seed_and_size: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
 def draw_dataset(count: int, seed: int, processes: int, size: int = SCENE_SIZE) -> tuple[np.ndarray, list[str]]:
     """`count` scenes (rounded up to chunks of 64), each chunk from its own seed: the same for any process count."""
     seeds = [(seed * 1_000_003 + chunk, size) for chunk in range(-(-count // CHUNK))]
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        chunks = pool.map(_draw_chunk, seeds)
+    if processes == 1 or len(seeds) == 1:  # a spawned pool would only add its start-up (seconds)
+        chunks = [_draw_chunk(seed_and_size) for seed_and_size in seeds]
+    else:
+        with multiprocessing.get_context("spawn").Pool(min(processes, len(seeds))) as pool:
+            chunks = pool.map(_draw_chunk, seeds)
     return np.concatenate([images for images, _ in chunks]), [c for _, captions in chunks for c in captions]
 
 
