@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# Every GPU check in one run (the device machine has no diffusers: it travels as a wheel in .whl/).
+# Every GPU check in one run (where the device machine lacks diffusers, its wheels travel in .whl/).
 # Writes its log and results under $OUT. Parts are ordered by priority and each has its own timeout.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if ! nvidia-smi -L > /dev/null 2>&1; then
+  echo "gpu_checks.sh: no NVIDIA GPU here (nvidia-smi -L failed); run it on the device machine (the device tool's run)" >&2
+  exit 2
+fi
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+if ! python3 -c "import diffusers, transformers" 2> /dev/null; then
+  echo "gpu_checks.sh: diffusers or transformers is missing here; put their wheels in .whl/ and carry it with the run" >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 
