@@ -3,11 +3,10 @@
 Installed as a diffusers attention processor on each `attn1`. The projections run once, on the token
 grid and one zero token that stands for the windows' zero padding; the local branch gathers windows in
 batches (whole groups of non-overlapping windows, about 1 MiB on the CPU) and runs each batch as one
-attention; the global branch is one full
-attention (or, in fast mode, all strided sub-grids as one batch). Because G is linear,
-G(local) + global − G(global) is computed as global + G(local − global), one blur instead of two; and,
-where G leaves the channels alone, as to_out(global + G(local − global)) on the attention outputs: one
-output projection instead of two.
+attention; the global branch is one full attention (or, in fast mode, all strided sub-grids as one
+batch). Because G is linear, G(local) + global − G(global) is computed as global + G(local − global),
+one blur instead of two; and, where G leaves the channels alone, as to_out(global + G(local − global))
+on the attention outputs: one output projection instead of two.
 """
 
 from __future__ import annotations
