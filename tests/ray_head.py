@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import socket
@@ -46,6 +47,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,6 +81,18 @@ class RayHead:
         request = urllib.request.Request(self.dashboard_url + path, headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
+
+    def state(self, kind: str, *filters: str) -> list[dict]:
+        """`ray list KIND --filter F...` over the dashboard's state API (`/api/v0/KIND`), which the CLI calls too,
+        without the CLI's start-up (seconds of CPU on a loaded 2-core machine). A filter is `key=value` or
+        `key!=value`, e.g. `state!=DEAD`."""
+        params = [("limit", "1000")]
+        for item in filters:
+            key, predicate, value = re.fullmatch(r"(\w+)(!?=)(.*)", item).groups()
+            params += [("filter_keys", key), ("filter_predicates", predicate), ("filter_values", value)]
+        reply = self.api(f"/api/v0/{kind}?{urllib.parse.urlencode(params)}")
+        assert reply["result"], f"the state API failed to list {kind}: {reply.get('msg')}"
+        return reply["data"]["result"]["result"]
 
     def job_client(self):
         """A `ray.job_submission.JobSubmissionClient` for this head (the token goes in a header)."""

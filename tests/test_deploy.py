@@ -365,10 +365,10 @@ def test_rayjob_renders_one_poster_on_an_ephemeral_cluster(tmp_path):
     head_cpus = quantity(head["resources"]["limits"]["cpu"])
     assert 0 < spec["entrypointNumCpus"] <= head_cpus, "the driver must fit on the head"
 
-    # The entrypoint is one plain freescale-render command line that the CLI accepts.
+    # The entrypoint is one plain freescale-render command line, exec'd (README: Stopping), that the CLI accepts.
     argv = shlex.split(spec["entrypoint"])
-    assert argv[0] == "freescale-render" and not set(argv) & {"&&", ";", "|", "--"}, argv
-    args = build_parser().parse_args(argv[1:])
+    assert argv[:2] == ["exec", "freescale-render"] and not set(argv) & {"&&", ";", "|", "--"}, argv
+    args = build_parser().parse_args(argv[2:])
     assert args.model.startswith("/models/")
     assert Path(args.out).parent == Path("/outputs"), "the output folder must exist: the root of the outputs volume"
     assert args.size == "8192x8192"

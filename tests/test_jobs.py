@@ -6,7 +6,7 @@ temp dir and token, stopped at the end). What they run, as subprocesses, is what
     ray job submit --address URL --submission-id ID --runtime-env deploy/runtime_env.yaml --entrypoint-num-cpus 1 \\
         -- freescale-render --prompt "a red kite" --stages 256x256,512x512 --steps 4 --workers 2 --out X.tif --quiet
     ray job submit --address URL --submission-id ID --no-wait --entrypoint-num-cpus 1 \\
-        -- freescale-render --prompt "a red kite" --stages 256x256,512x512 --steps 60 --workers 2 --out Y.tif
+        -- exec freescale-render --prompt "a red kite" --stages 256x256,768x768 --steps 300 --workers 2 --out Y.tif
     ray job stop --address URL ID                      # once `on 2 workers` shows in `ray job logs ID`
     freescale-render ... --workers 0|2 --out Z.tif      # then SIGTERM, or SIGINT to its process group (Ctrl-C)
 """
@@ -68,16 +68,6 @@ def job_logs(head, sid: str) -> str:
     return head.api(f"/api/jobs/{sid}/logs")["logs"]
 
 
-def ray_list(head, kind: str, *filters: str) -> list[dict]:
-    args = [arg for item in filters for arg in ("--filter", item)]
-    result = head.ray("list", kind, *args, "--format", "json", "--address", head.dashboard_url, "--limit", "1000")
-    text = result.stdout.strip()
-    if text == "No resource in the cluster":  # what it prints for none, whatever the format
-        return []
-    assert text.startswith("["), f"`ray list {kind}` gave neither a JSON list nor none: {result.stdout[-1000:]} {result.stderr[-1000:]}"
-    return json.loads(text)
-
-
 def ray_job_id(head, sid: str) -> str | None:
     """The Ray job id (hex) of a submission, once its driver runs: what actors and placement groups are labelled with."""
     try:
@@ -98,7 +88,7 @@ class PlacementWatch:
 
     def check(self) -> None:
         job_id = ray_job_id(self.head, self.sid)
-        pending = ray_list(self.head, "placement-groups", f"creator_job_id={job_id}", "state=PENDING") if job_id else []
+        pending = self.head.state("placement_groups", f"creator_job_id={job_id}", "state=PENDING") if job_id else []
         if not pending:
             self.pending_since = None
         elif self.pending_since is None:
@@ -260,22 +250,26 @@ def test_ray_job_submit_renders_the_single_process_image(ray_head, tiny_pipeline
     assert sidecar.get("ray_job_submission_id") == sid  # recorded by renderer.engine from cluster.jobs.submission_id()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_ray_job_stop_ends_the_render_cleanly(ray_head, tmp_path):  # noqa: F811
-    """`ray job stop` while a sharded stage runs: STOPPED within 30 s, the render's own one-line stop message in the
-    job's log, the entrypoint gone by itself within Ray's 3 s grace (no SIGKILL), no output or temporaries, and no
-    live actors or placement groups of the job."""
+    """`ray job stop` while a sharded stage runs: STOPPED, the render's own one-line stop message in the job's log,
+    the entrypoint gone by itself within Ray's 3 s grace (no SIGKILL), no output or temporaries, and no live actors
+    or placement groups of the job.
+
+    The entrypoint starts with `exec`, as the README advises: Ray runs it under `sh -c`, which dies at the SIGTERM at
+    once, and the render, orphaned, is then only seen gone once the host's PID 1 reaps it (1-2 s here, slower
+    elsewhere), however fast it ended itself."""
     out = tmp_path / "long.tif"
     sid = f"freescale-stop-{uuid.uuid4().hex[:8]}"
     job(ray_head, "submit", "--submission-id", sid, "--no-wait", "--entrypoint-num-cpus", ENTRYPOINT_CPUS, "--",
-        "freescale-render", "--prompt", "a red kite", "--stages", "256x256,512x512", "--steps", "300", "--workers", "2",
+        "exec", "freescale-render", "--prompt", "a red kite", "--stages", "256x256,768x768", "--steps", "300", "--workers", "2",
         "--out", str(out))
 
     watch = PlacementWatch(ray_head, sid)
 
     def sharded_stage_running():
-        # The sharded stage (210 steps, over a minute on 2 loaded cores) must still run when the test sees it: the
-        # bar is looked for first, over REST, and only then the slower checks (each a `ray` CLI start).
+        # The sharded stage (210 steps at 768x768, over a minute on 2 loaded cores) must still run when the test
+        # has seen its bar and `ray job stop` has started: all polling is over REST, none a `ray` CLI start.
         status = job_status(ray_head, sid)
         assert status in ("PENDING", "RUNNING"), status
         if "on 2 workers" in job_logs(ray_head, sid):
@@ -285,17 +279,17 @@ def test_ray_job_stop_ends_the_render_cleanly(ray_head, tmp_path):  # noqa: F811
 
     wait_until(sharded_stage_running, 240, "the sharded stage's bar in the job's log", interval=1)
     job_id = ray_job_id(ray_head, sid)
-    assert ray_list(ray_head, "actors", f"job_id={job_id}", "state=ALIVE", "class_name=GangWorker")
+    assert ray_head.state("actors", f"job_id={job_id}", "state=ALIVE", "class_name=GangWorker")
 
-    started = time.monotonic()
-    job(ray_head, "stop", sid, timeout=60)
-    wait_until(lambda: job_status(ray_head, sid) == "STOPPED", 30, "status STOPPED")
-    assert time.monotonic() - started < 30
+    # `ray job stop` returns once the job has ended; its time here is mostly its own start-up on 2 loaded cores, so
+    # promptness is judged by the supervisor's log below: "gracefully" means within Ray's 3 s grace of the SIGTERM.
+    job(ray_head, "stop", sid, timeout=120)
+    wait_until(lambda: job_status(ray_head, sid) == "STOPPED", 10, "status STOPPED")
 
     logs = job(ray_head, "logs", sid).stdout
     stop_lines = [line for line in lines(logs) if line.startswith("freescale-render:")]
     assert len(stop_lines) == 1 and STOPPED.match(stop_lines[0]), logs[-3000:]
-    assert "stopped by SIGTERM at stage 1 512x512 on 2 workers, step " in stop_lines[0]
+    assert "stopped by SIGTERM at stage 1 768x768 on 2 workers, step " in stop_lines[0]
     assert "Traceback" not in logs
     supervisor_log = ray_head.session_dir() / "logs" / "jobs" / f"supervisor-{sid}.log"
     # the supervisor logs how the entrypoint ended (gracefully, or SIGKILLed after the grace) before it sets
@@ -305,8 +299,8 @@ def test_ray_job_stop_ends_the_render_cleanly(ray_head, tmp_path):  # noqa: F811
     assert "terminated gracefully with SIGTERM" in supervisor and "SIGKILL" not in supervisor, supervisor
 
     assert leftovers(tmp_path) == []  # no output, no sidecar, no .long.tif.*.partial, no .pyramid-* scratch
-    wait_until(lambda: not ray_list(ray_head, "actors", f"job_id={job_id}", "state!=DEAD"), 20, "the job's actors to be dead")
-    wait_until(lambda: not ray_list(ray_head, "placement-groups", f"creator_job_id={job_id}", "state!=REMOVED"), 20,
+    wait_until(lambda: not ray_head.state("actors", f"job_id={job_id}", "state!=DEAD"), 20, "the job's actors to be dead")
+    wait_until(lambda: not ray_head.state("placement_groups", f"creator_job_id={job_id}", "state!=REMOVED"), 20,
              "the job's placement group to be removed")
 
 
@@ -379,5 +373,5 @@ def test_a_signal_stops_the_cli_cleanly(signum, workers, request, tmp_path):
     assert "Traceback" not in stderr and stdout == ""
     assert leftovers(tmp_path) == []
     if head is not None:
-        wait_until(lambda: not ray_list(head, "actors", "class_name=GangWorker", "state!=DEAD"), 20, "the workers to be dead")
-        wait_until(lambda: not ray_list(head, "placement-groups", "state!=REMOVED"), 20, "the placement group to be removed")
+        wait_until(lambda: not head.state("actors", "class_name=GangWorker", "state!=DEAD"), 20, "the workers to be dead")
+        wait_until(lambda: not head.state("placement_groups", "state!=REMOVED"), 20, "the placement group to be removed")
