@@ -344,7 +344,7 @@ def test_a_signal_stops_the_cli_cleanly(signum, workers, request, tmp_path):
         env = dict(head.env)  # RAY_ADDRESS: join the test's head, never another Ray on this machine
     out = tmp_path / "x.tif"
     process = subprocess.Popen(
-        [FREESCALE, "--prompt", "a red kite", "--stages", "256x256,512x512", "--steps", "20" if workers else "40", "--workers", str(workers),
+        [FREESCALE, "--prompt", "a red kite", "--stages", "256x256,512x512", "--steps", "40", "--workers", str(workers),
          "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
     reader = StderrReader(process.stderr)
