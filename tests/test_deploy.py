@@ -260,6 +260,8 @@ def test_head_is_cpu_only_and_serves_ray(overlay):
                 assert GPU not in container.get("resources", {}).get(part, {}), f"{where}: GPU on the head"
         assert head["rayStartParams"].get("num-gpus") == "0", f"{where}: the head must advertise no GPUs to Ray"
         assert head["template"]["spec"].get("nodeSelector", {}).get("nvidia.com/gpu.present") is None
+        # the job server's processes end there: an init (the pause container) must reap what they orphan
+        assert head["template"]["spec"].get("shareProcessNamespace") is True, f"{where}: no zombie reaper on the head"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
