@@ -19,7 +19,7 @@ install: $(BIN)/freescale-render
 
 demo: install
 	mkdir -p out
-	$(BIN)/freescale-render --model toy --prompt "an orange creature" --seed 7 --size 1024x1024 --steps 20 --restart-fraction 0.8 --save-stages --preview --out out/demo.tif
+	$(BIN)/freescale-render --model toy --prompt "an orange creature" --seed 7 --size 1024x1024 --steps 20 --save-stages --preview --out out/demo.tif
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = FreeScaleConfig()
     add("--cosine-scale", type=float, default=defaults.cosine_scale, help="detail scale α of the skip residual (default 2.0; <=1 for 8K)")
     add("--dilate-tau", type=int, default=defaults.dilate_tau, help="dilate convs while step index < this (default 35)")
-    add("--restart-fraction", type=float, default=defaults.restart_fraction, help="upscaling stages restart at this fraction of the steps (default 0.3)")
+    add("--restart-fraction", type=float,
+        help="upscaling stages restart at this fraction of the steps (default 0.3; 0.8 with --model toy)")
     add("--fusion-blur", choices=FUSION_BLURS, default=defaults.fusion_blur, help="axes of the scale-fusion Gaussian (default hw)")
     add("--no-window-jitter", action="store_true", help="do not jitter local attention windows")
     add("--fast-mode", action="store_true", help="global attention on strided sub-grids (faster, lower quality)")
@@ -90,9 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
 def request_from_args(args: argparse.Namespace) -> RenderRequest:
     stages = tuple(parse_size(part, "--stages") for part in args.stages.split(",")) if args.stages else None
     size = parse_size(args.size) if args.size else None
+    restart_fraction = args.restart_fraction
+    if restart_fraction is None:
+        from renderer.models import recommended_restart_fraction
+
+        restart_fraction = recommended_restart_fraction(args.model)
     freescale = FreeScaleConfig(
         cosine_scale=args.cosine_scale, cosine_scale_bg=args.cosine_scale_bg, dilate_tau=args.dilate_tau,
-        restart_fraction=args.restart_fraction, fusion_blur=args.fusion_blur, window_jitter=not args.no_window_jitter,
+        restart_fraction=restart_fraction, fusion_blur=args.fusion_blur, window_jitter=not args.no_window_jitter,
         fast_mode=args.fast_mode, freeu=not args.no_freeu, seed=args.seed,
     )
     return RenderRequest(

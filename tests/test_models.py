@@ -153,3 +153,17 @@ def test_shipped_toy_weights_fit_the_budget_and_match_the_toy_spec():
     assert (tuple(vae["block_out_channels"]), vae["norm_num_groups"]) == (TOY.vae_channels, TOY.vae_groups)
     assert (tuple(unet["block_out_channels"]), unet["norm_num_groups"], unet["sample_size"]) == (
         TOY.unet_channels, TOY.unet_groups, TOY.sample_size)
+
+
+def test_the_cli_restarts_each_model_where_it_renders_best_unless_told():
+    """--model toy restarts the upscaling stages at 0.8 (docs/benchmarks.md), other models at the paper's 0.3;
+    an explicit --restart-fraction wins for every model. The value is the request's (and so its render id's)."""
+    from renderer.cli import build_parser, request_from_args
+
+    def restart(*options: str) -> float:
+        return request_from_args(build_parser().parse_args(["--prompt", "p", "--size", "512x512", *options])).freescale.restart_fraction
+
+    assert restart("--model", "toy") == 0.8
+    assert restart() == restart("--model", "sdxl-random") == restart("--model", "/models/sdxl") == 0.3
+    assert restart("--model", "toy", "--restart-fraction", "0.3") == 0.3
+    assert restart("--restart-fraction", "0.5") == 0.5

@@ -7,13 +7,13 @@ import pytest
 
 from freescale_core import FreeScaleConfig
 from renderer import RenderRequest, render
-from renderer.models import load_pipeline
+from renderer.models import load_pipeline, recommended_restart_fraction
 from renderer.toy.metrics import SubjectCount, count_subjects
 
 pytest.importorskip("scipy")
 
 STEPS, TRAIN = 8, 256
-TOY_SETTINGS = FreeScaleConfig(restart_fraction=0.8)  # what `make demo` and the README recommend for the toy
+TOY_SETTINGS = FreeScaleConfig(restart_fraction=recommended_restart_fraction("toy"))  # the CLI's default for the toy: 0.8
 CASCADE_4X = ((TRAIN, TRAIN), (2 * TRAIN, 2 * TRAIN), (4 * TRAIN, 4 * TRAIN))
 
 
