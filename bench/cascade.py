@@ -27,14 +27,14 @@ def run_variant(args: argparse.Namespace, direct: bool) -> dict:
     from renderer import RenderRequest, render
     from renderer.models import load_pipeline
     from renderer.request import parse_size
-    from renderer.engine import resolve_dtype
+    from renderer.worker import resolve_dtype
 
     stages = tuple(parse_size(s) for s in args.stages.split(","))
     request = RenderRequest(
         prompt="a green creature", seed=0, stages=stages[-1:] if direct else stages, steps=args.steps,
         freescale=FreeScaleConfig(freeu=not direct), model=args.model, device=args.device,
     )
-    pipeline = load_pipeline(args.model, args.device, resolve_dtype(request))
+    pipeline = load_pipeline(args.model, args.device, resolve_dtype(request.dtype, request.device))
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -42,7 +42,7 @@ timeout 330 python3 -m renderer.toy.train --out renderer/models/toy_weights --de
 echo "== quality benchmark on the GPU, the toy's settings (restart 0.8)"
 timeout 300 python3 bench/quality.py --device cuda --seeds 8 --steps 50 --set restart_fraction=0.8 --out-dir "$OUT/quality"
 
-echo "== sharded path on CUDA (2 ranks sharing the GPU over gloo) vs one process"
+echo "== sharded path on CUDA (2 ranks sharing the GPU over gloo, rank 0 rendering the base and handing it over) vs one process"
 timeout 280 python3 bench/gpu_sharded.py --sdxl-size 4096
 
 echo "== 8-GPU time model (issue 12): the H200 fit of docs/benchmarks.md; rerun with this card's FreeScale"

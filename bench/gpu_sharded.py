@@ -2,7 +2,8 @@
 
 Two ranks share the one GPU over gloo (NCCL refuses two ranks on one device); every tensor they compute
 with is a CUDA tensor, messages are staged through host memory. Ray is not on the GPU image, so the ranks
-are spawned with `cluster.spawn` and run exactly what a Ray worker runs (`cluster.gang.run_job`).
+are spawned with `cluster.spawn` and run exactly what a Ray worker runs (`renderer.worker.Worker`: the base stage
+on rank 0, handed to both, then the sharded stages).
 
     python bench/gpu_sharded.py [--parts attention,tiny,sdxl]
 """
@@ -16,16 +17,15 @@ from functools import partial
 import numpy as np
 import torch
 
-from cluster import ops
-from cluster.gang import StageJob, run_job
-from cluster.sharding import sharded_backend, sharding
+from renderer.parallel import ops
+from renderer.parallel.sharding import sharded_backend, sharding
 from cluster.spawn import run_ranks
-from cluster.strips import RowGroup, plan_strips
+from renderer.parallel.strips import RowGroup, plan_strips
 from freescale_core import FreeScaleConfig, freescale_mode
 from renderer import RenderRequest, render
 from renderer.models import load_pipeline
-from renderer.progress import Progress
-from renderer.stages import encode_prompts, generate_base
+from renderer.stage_loop import Prompt, StageJob
+from renderer.worker import Worker
 
 ROWS: list[tuple[str, str, str]] = []
 DEVICE = "cuda"  # --device cpu dry-runs the script's plumbing here
@@ -64,9 +64,10 @@ def tiny_rank(rank: int, world: int, job: StageJob, device: str) -> dict:
     global DEVICE
     DEVICE = device
     strict_fp32()
-    pipeline = load_pipeline("tiny", device, torch.float32)
+    worker = Worker("tiny", pipeline=load_pipeline("tiny", device, torch.float32))
     started = time.perf_counter()
-    result, pixels = run_job(pipeline, job)
+    result = worker.run(job)
+    pixels = np.concatenate(list(worker.final_rows()), axis=0)
     return {"latents": result.latents, "pixels": pixels, "seconds": time.perf_counter() - started,
             "peak": peak_memory(), "bytes": result.step_bytes}
 
@@ -82,12 +83,9 @@ def tiny_part(mode: str, split: bool) -> None:
     started = time.perf_counter()
     single = render(request, pipeline=pipeline, progress=False, write=False)
     single_seconds = time.perf_counter() - started
-    config = FreeScaleConfig(seed=request.seed)
-    with torch.inference_mode():
-        cond = encode_prompts(pipeline, request.prompt, "", (256, 256), request.guidance)
-        base = generate_base(pipeline, cond, (256, 256), request.steps, config, Progress(False))
-    job = StageJob(cond=cond.to("cpu"), latents=base.float().cpu(), stages=list(stages), first=1, last=len(stages), steps=request.steps,
-                  config=config, transition_modes=[mode, mode], final_mode=mode, cfg_split=split)
+    job = StageJob(cond=None, prompt=Prompt(request.prompt, "", request.guidance), latents=torch.empty(0), stages=list(stages),
+                   first=0, last=len(stages), steps=request.steps, config=FreeScaleConfig(seed=request.seed),
+                   transition_modes=[mode, mode], final_mode=mode, cfg_split=split, first_sharded=1)
     results = run_ranks(2, partial(tiny_rank, job=job, device=DEVICE), threads=4)
     latents = torch.cat([r["latents"] for r in results], dim=2)
     pixels = np.concatenate([r["pixels"] for r in results], axis=0)

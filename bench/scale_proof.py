@@ -2,7 +2,7 @@
 
 Runs `freescale-render --dry-run` for the preflight's estimate, then the same command for real in a fresh
 process, and prints per-stage wall time, each worker's peak resident memory (from the sidecar) and the
-coordinator's (wait4) against the estimate, and the TIFF's size. The defaults are the 8192² run of
+driver's (wait4) against the estimate, and the TIFF's size. The defaults are the 8192² run of
 docs/benchmarks.md: the tiny model, 2 CPU workers, 4 steps (3 per upscaling stage), fast mode (global
 attention on strided sub-grids, as the method offers for 8K) and the diffusers-tiled VAE.
 
@@ -53,20 +53,21 @@ def main() -> None:
         raise SystemExit(f"render failed ({status}): {process.stderr.read()}")
     sidecar = json.loads(options.out.with_suffix(".json").read_text())
     stages, seconds = sidecar["stages"], sidecar["seconds"]["stages"]
-    workers = sidecar.get("workers", {"first_stage": len(stages), "peak_bytes": []})
+    workers = sidecar.get("workers", {"stage_ranks": [[0]] * len(stages), "peak_bytes": []})
     print(f"\n{options.size}, {options.model}, {where}, {options.steps} steps, "
           f"{options.extra}: {wall / 60:.1f} min in all, TIFF {options.out.stat().st_size / 2**20:.1f} MiB "
           f"(pyramid included)\n")
     print("| stage | where | seconds |")
     print("|---|---|---|")
     for index, (stage, duration) in enumerate(zip(stages, seconds)):
-        ran = f"{workers['count']} workers" if index >= workers["first_stage"] else "coordinator"
+        ranks = workers["stage_ranks"][index]
+        ran = "one process" if not options.workers else f"ranks {ranks}" if ranks else "not run (resumed)"
         print(f"| {stage} | {ran} | {duration:.0f} |")
-    print(f"| writing (final decode streamed into the TIFF) | {'workers → coordinator' if options.workers else 'coordinator'} | "
+    print(f"| writing (final decode streamed into the TIFF) | {'workers → driver' if options.workers else 'one process'} | "
           f"{sidecar['seconds']['total'] - sum(seconds):.0f} |")
     print("\n| process | peak RSS | preflight estimate |")
     print("|---|---|---|")
-    print(f"| coordinator | {usage.ru_maxrss * 1024 / GiB:.2f} GiB | {coordinator_estimate:.2f} GiB |")
+    print(f"| driver{'' if options.workers else ' (the one process)'} | {usage.ru_maxrss * 1024 / GiB:.2f} GiB | {coordinator_estimate:.2f} GiB |")
     for rank, peak in enumerate(workers["peak_bytes"]):
         print(f"| worker {rank} (rows {workers['strips'][rank]}) | {peak / GiB:.2f} GiB | {float(worker_estimate.group(1)):.2f} GiB |")
 

@@ -1,6 +1,6 @@
 """Sharded stages on 1, 2, 3 Ray workers: wall time, per-worker peak memory, bytes received per step.
 
-The bytes are measured (`cluster.strips.received_bytes`) per worker and per purpose, and set against the
+The bytes are measured (`renderer.parallel.strips.received_bytes`) per worker and per purpose, and set against the
 estimate of distributed-design.md §A.3 for the same UNet, stage size and strips. The estimate is built from
 the shapes a single-process forward actually sees (forward hooks), with the design's per-op rules:
 halo rows × width × channels for convs, the other strips' K/V for global attention, nothing for windows
@@ -8,7 +8,7 @@ halo rows × width × channels for convs, the other strips' K/V for global atten
 coefficients per channel for FreeU, 3 numbers per group for GroupNorm.
 
 An even worker count runs twice: with every worker on both guidance branches, and with the guidance split
-(`cluster.guidance`: halves of the gang on one branch each, partners swapping predictions).
+(`renderer.parallel.guidance`: halves of the gang on one branch each, partners swapping predictions).
 
     python bench/sharded.py --model tiny --stages 256x256,512x512,1024x1024 --steps 10 --workers 1,2,3
 """

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from cluster.strips import init_process_group
+from renderer.parallel.strips import init_process_group
 
 
 def free_port() -> int:

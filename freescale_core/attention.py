@@ -184,7 +184,7 @@ class ScaleFusionProcessor:
     """Replaces the processor of one `attn1`; `block_index` keys its window-jitter stream.
 
     The branches (local windows and global attention together, and the blur) are methods, so that a
-    row-sharded variant (`cluster.sharding`) can replace how each one reaches beyond its rows and keep
+    row-sharded variant (`renderer.parallel.sharding`) can replace how each one reaches beyond its rows and keep
     everything else.
     """
 

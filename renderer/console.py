@@ -8,7 +8,7 @@
   diffusers' "`torch_dtype` is deprecated" from `from_pretrained`);
 * Ray's notice that token authentication is on by default (a security warning about it being *off*
   still shows). Ray's own start-up INFO lines are kept down by `ray.init(logging_level=WARNING)` in
-  `cluster.coordinator.connect`.
+  `cluster.placement.connect`.
 """
 
 from __future__ import annotations

@@ -3,3 +3,7 @@
 
 class RenderError(ValueError):
     pass
+
+
+class WorkerLost(RenderError):
+    """A rank died or a collective failed (a peer lost, a timeout): the gang must be rebuilt."""

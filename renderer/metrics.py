@@ -21,130 +21,38 @@ Choose the way with `metrics_for(port, on_ray)`:
 Values recorded just before a process exits reach Prometheus only if it lives until the next scrape
 (prometheus_client) or the next report to the agent (Ray, every 10 s): `close(linger_s=...)` waits first.
 
-Which process records what: the coordinator/driver records the render (in progress, outcome, progress and
-ETA, stage durations, its own stages' steps as rank 0, worker failures, gang placement failures, output
-bytes, checkpoints); each worker records its steps, bytes received and device memory under its rank.
+Which process records what: the driver records the render (in progress, outcome, progress and ETA, stage
+durations as rank 0 reports them, worker failures, gang placement failures, output bytes, checkpoints); each
+rank records its steps, bytes received and device memory under its rank (a single-process render as rank 0).
 
-Labels are bounded: ``stage`` (cascade stage index, base = 0), ``rank`` (worker rank; 0 also for the
-coordinator's own stages, whose ``stage`` values differ from the workers'), ``outcome`` (`OUTCOMES`),
-``kind`` (`EXCHANGE_KINDS`, as counted in `cluster.strips.received_bytes`), ``reason`` (`FAILURE_REASONS`).
+Labels are bounded: ``stage`` (cascade stage index, base = 0), ``rank`` (the rank that ran the
+step: 0 for the stages rank 0 runs alone, the base first), ``outcome`` (`OUTCOMES`),
+``kind`` (`EXCHANGE_KINDS`, as counted in `renderer.parallel.strips.received_bytes`), ``reason`` (`FAILURE_REASONS`).
 Never a prompt, path, seed or render id: those go to the sidecar and the logs.
 
 Where the render records (see `renderer.engine.render(metrics=...)`): steps through `stepping`, a progress that
-the step loops (base stage, `cluster.gang.run_stages`) advance; progress and ETA through `following`, the
-coordinator's progress, which also sees a gang's rank 0 steps relayed; the rest at one call each.
+the step loops (`renderer.stage_loop.run_stages`, base stage included) advance; progress, ETA and stage durations
+through `following`, the driver's progress, which sees a gang's rank 0 steps relayed; the rest at one call each.
 
 Dashboards and alerts: ``deploy/monitoring/``.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Mapping
 
+from renderer.metric_specs import (  # noqa: F401 (the specs are part of this module's API)
+    DURATION_BUCKETS, EXCHANGE_KINDS, FAILURE_REASONS, OUTCOMES, PREFIX, RAY_GAUGE_REFRESH_S, RAY_PREFIX, SPEC, SPECS,
+    MetricSpec, _CHECKPOINTS, _ETA, _EXCHANGED, _IN_PROGRESS, _LIMIT, _OUTPUT_BYTES, _PEAK, _PLACEMENT_FAILURES, _PROGRESS,
+    _RENDERS, _STAGE_SECONDS, _STEP_SECONDS, _STEPS, _WORKER_FAILURES, _amount, _index, _one_of,
+)
+from renderer.metric_backends import PrometheusBackend, RayBackend
 from renderer.progress import Progress
 
-PREFIX = "freescale_"
-RAY_PREFIX = "ray_"  # what Ray's metrics agent puts before every application metric
-
-OUTCOMES = ("succeeded", "failed", "stopped")
-EXCHANGE_KINDS = ("conv", "window", "blur", "vae", "resize", "ring", "sum", "guidance")
-FAILURE_REASONS = ("lost", "timeout", "error")
-
-# From a 50 ms step of the tiny model on a GPU up to a four-hour 16K stage.
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
-
-# Ray drops a gauge observation it has not received for 2 report intervals (2 x 10 s by default).
-RAY_GAUGE_REFRESH_S = 5.0
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str  # as exported by prometheus_client; Ray exports "ray_" + name
-    kind: str  # "counter", "gauge" or "histogram"
-    help: str
-    labels: tuple[str, ...] = ()
-    buckets: tuple[float, ...] | None = None  # histograms only
-
-
-SPECS: tuple[MetricSpec, ...] = (
-    MetricSpec("freescale_renders_in_progress", "gauge", "Renders started and not yet finished."),
-    MetricSpec("freescale_renders_total", "counter", "Renders finished, by outcome (succeeded, failed, stopped).",
-               ("outcome",)),
-    MetricSpec("freescale_stage_duration_seconds", "histogram",
-               "Wall time of one cascade stage (base = stage 0), transitions and decode included.",
-               ("stage",), DURATION_BUCKETS),
-    MetricSpec("freescale_step_duration_seconds", "histogram",
-               "Wall time of one denoising step (both guidance halves), as each rank saw it.",
-               ("stage",), DURATION_BUCKETS),
-    MetricSpec("freescale_steps_completed_total", "counter",
-               "Denoising steps completed, by stage and worker rank (rank 0 on the coordinator).",
-               ("stage", "rank")),
-    MetricSpec("freescale_render_progress_ratio", "gauge",
-               "Fraction of the current render's denoising steps done, 0 to 1."),
-    MetricSpec("freescale_render_eta_seconds", "gauge", "Estimated seconds until the current render is done."),
-    MetricSpec("freescale_exchange_received_bytes_total", "counter",
-               "Bytes a worker received from the other workers of its gang, by kind of exchange.",
-               ("kind", "rank")),
-    MetricSpec("freescale_device_memory_peak_bytes", "gauge",
-               "Peak memory of a worker's device (CUDA allocator peak; peak resident memory on CPU).", ("rank",)),
-    MetricSpec("freescale_device_memory_limit_bytes", "gauge",
-               "Memory a worker's device has (CUDA total memory; the bound set for a CPU worker).", ("rank",)),
-    MetricSpec("freescale_worker_failures_total", "counter",
-               "Workers that failed during a render, by reason (lost, timeout, error).", ("reason",)),
-    MetricSpec("freescale_gang_placement_failures_total", "counter",
-               "Gangs of workers that the cluster could not place in time."),
-    MetricSpec("freescale_output_bytes_total", "counter", "Bytes written to output files."),
-    MetricSpec("freescale_checkpoints_written_total", "counter", "Checkpoints written."),
-)
-SPEC: dict[str, MetricSpec] = {spec.name: spec for spec in SPECS}
-
-
-def _spec(short: str) -> MetricSpec:
-    return SPEC[PREFIX + short]
-
-
-_IN_PROGRESS = _spec("renders_in_progress")
-_RENDERS = _spec("renders_total")
-_STAGE_SECONDS = _spec("stage_duration_seconds")
-_STEP_SECONDS = _spec("step_duration_seconds")
-_STEPS = _spec("steps_completed_total")
-_PROGRESS = _spec("render_progress_ratio")
-_ETA = _spec("render_eta_seconds")
-_EXCHANGED = _spec("exchange_received_bytes_total")
-_PEAK = _spec("device_memory_peak_bytes")
-_LIMIT = _spec("device_memory_limit_bytes")
-_WORKER_FAILURES = _spec("worker_failures_total")
-_PLACEMENT_FAILURES = _spec("gang_placement_failures_total")
-_OUTPUT_BYTES = _spec("output_bytes_total")
-_CHECKPOINTS = _spec("checkpoints_written_total")
-
-
-def _index(what: str, value: int) -> str:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"metrics: {what} must be an int >= 0, got {value!r}")
-    return str(value)
-
-
-def _one_of(what: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"metrics: {what} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
-
-
-def _amount(what: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"metrics: {what} must be a finite number >= 0, got {value!r}")
-    return value
-
-
-# --- backends: inc / set / observe on a spec with label values in the spec's order ---------------------
 
 class _NullBackend:
     def inc(self, spec: MetricSpec, labels: tuple[str, ...], value: float) -> None:
@@ -163,144 +71,15 @@ class _NullBackend:
         pass
 
 
-class _WithoutCreated:
-    """Collector over an inner registry that leaves out the ``*_created`` samples prometheus_client adds
-    to counters and histograms (without touching the process-wide `disable_created_metrics` switch)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def collect(self):
-        for family in self.inner.collect():
-            family.samples = [sample for sample in family.samples if not sample.name.endswith("_created")]
-            yield family
-
-
-class _PrometheusBackend:
-    def __init__(self):
-        import prometheus_client as pc
-
-        inner = pc.CollectorRegistry(auto_describe=True)
-        self._metrics = {}
-        for spec in SPECS:
-            if spec.kind == "counter":
-                metric = pc.Counter(spec.name, spec.help, spec.labels, registry=inner)
-            elif spec.kind == "gauge":
-                metric = pc.Gauge(spec.name, spec.help, spec.labels, registry=inner)
-            else:
-                metric = pc.Histogram(spec.name, spec.help, spec.labels, registry=inner, buckets=spec.buckets)
-            self._metrics[spec.name] = metric
-        # Series of known label values exist from the start at 0, so that rate() and increase() see the
-        # first event of each.
-        for outcome in OUTCOMES:
-            self._metrics[_RENDERS.name].labels(outcome)
-        for reason in FAILURE_REASONS:
-            self._metrics[_WORKER_FAILURES.name].labels(reason)
-        self.registry = pc.CollectorRegistry(auto_describe=True)
-        self.registry.register(_WithoutCreated(inner))
-        self.server = None
-        self.port: int | None = None
-
-    def _child(self, spec: MetricSpec, labels: tuple[str, ...]):
-        metric = self._metrics[spec.name]
-        return metric.labels(*labels) if labels else metric
-
-    def inc(self, spec, labels, value):
-        self._child(spec, labels).inc(value)
-
-    def set(self, spec, labels, value):
-        self._child(spec, labels).set(value)
-
-    def add(self, spec, labels, delta):
-        self._child(spec, labels).inc(delta)
-
-    def observe(self, spec, labels, value):
-        self._child(spec, labels).observe(value)
-
-    def serve(self, port: int, addr: str) -> int:
-        import prometheus_client as pc
-
-        self.server, _thread = pc.start_http_server(port, addr=addr, registry=self.registry)
-        self.port = self.server.server_port
-        return self.port
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-
-
-class _RayBackend:
-    """ray.util.metrics, one set of metric objects per process; gauges are set again every
-    `RAY_GAUGE_REFRESH_S` seconds so that the metrics agent keeps them while the process lives."""
-
-    def __init__(self):
-        from ray.util import metrics as rm
-
-        self._metrics = {}
-        for spec in SPECS:
-            if spec.kind == "counter":
-                metric = rm.Counter(spec.name, spec.help, tag_keys=spec.labels)
-            elif spec.kind == "gauge":
-                metric = rm.Gauge(spec.name, spec.help, tag_keys=spec.labels)
-            else:
-                metric = rm.Histogram(spec.name, spec.help, boundaries=list(spec.buckets), tag_keys=spec.labels)
-            self._metrics[spec.name] = metric
-        self._gauges: dict[tuple[str, tuple[str, ...]], float] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._refresher: threading.Thread | None = None
-
-    @staticmethod
-    def _tags(spec, labels):
-        return dict(zip(spec.labels, labels))
-
-    def inc(self, spec, labels, value):
-        if value > 0:  # Ray refuses 0
-            self._metrics[spec.name].inc(value, tags=self._tags(spec, labels))
-
-    def set(self, spec, labels, value):
-        with self._lock:
-            self._set(spec, labels, value)
-
-    def add(self, spec, labels, delta):
-        with self._lock:
-            self._set(spec, labels, self._gauges.get((spec.name, labels), 0.0) + delta)
-
-    def _set(self, spec, labels, value):
-        self._gauges[(spec.name, labels)] = value
-        self._metrics[spec.name].set(value, tags=self._tags(spec, labels))
-        if self._refresher is None:
-            self._refresher = threading.Thread(target=self._refresh, args=(self._stop,), name="freescale-metrics",
-                                               daemon=True)
-            self._refresher.start()
-
-    def observe(self, spec, labels, value):
-        self._metrics[spec.name].observe(value, tags=self._tags(spec, labels))
-
-    def _refresh(self, stop: threading.Event) -> None:
-        while not stop.wait(RAY_GAUGE_REFRESH_S):
-            with self._lock:
-                for (name, labels), value in self._gauges.items():
-                    self._metrics[name].set(value, tags=self._tags(SPEC[name], labels))
-
-    def close(self) -> None:
-        with self._lock:
-            self._stop.set()
-            self._stop = threading.Event()
-            self._refresher = None
-
-
-_ray_backend: _RayBackend | None = None
+_ray_backend: RayBackend | None = None  # the process's, made at its first use
 _ray_lock = threading.Lock()
 
 
-def _ray_backend_of_process() -> _RayBackend:
+def _ray_backend_of_process() -> RayBackend:
     global _ray_backend
     with _ray_lock:
         if _ray_backend is None:
-            _ray_backend = _RayBackend()
+            _ray_backend = RayBackend()
         return _ray_backend
 
 
@@ -317,7 +96,7 @@ class RenderMetrics:
     @classmethod
     def prometheus(cls) -> RenderMetrics:
         """prometheus_client backend, not yet served (see `serve`)."""
-        return cls(_PrometheusBackend())
+        return cls(PrometheusBackend())
 
     @classmethod
     def ray(cls) -> RenderMetrics:
@@ -341,7 +120,7 @@ class RenderMetrics:
         gives `progress` itself."""
         return _Tap(progress, _RenderProgress(self, plan)) if self.enabled else progress
 
-    # The render as a whole (coordinator / driver).
+    # The render as a whole (the driver).
     def render_started(self) -> None:
         self.backend.add(_IN_PROGRESS, (), 1)
         self.backend.set(_PROGRESS, (), 0.0)
@@ -379,7 +158,7 @@ class RenderMetrics:
         self.backend.observe(_STAGE_SECONDS, (_index("stage", stage),), _amount("seconds", seconds))
 
     def step_finished(self, stage: int, rank: int, seconds: float) -> None:
-        """One denoising step of `stage` done by `rank` (0 on the coordinator)."""
+        """One denoising step of `stage` done by `rank`."""
         labels = (_index("stage", stage), _index("rank", rank))
         self.backend.inc(_STEPS, labels, 1)
         self.backend.observe(_STEP_SECONDS, labels[:1], _amount("seconds", seconds))
@@ -391,7 +170,7 @@ class RenderMetrics:
         self.backend.inc(_EXCHANGED, labels, _amount("nbytes", nbytes))
 
     def exchanged_all(self, rank: int, nbytes_by_kind: Mapping[str, int]) -> None:
-        """`exchanged` for every kind of a mapping such as a difference of `cluster.strips.received_bytes`."""
+        """`exchanged` for every kind of a mapping such as a difference of `renderer.parallel.strips.received_bytes`."""
         for kind, nbytes in nbytes_by_kind.items():
             self.exchanged(kind, rank, nbytes)
 
@@ -403,7 +182,7 @@ class RenderMetrics:
         if limit_bytes is not None:
             self.backend.set(_LIMIT, labels, _amount("limit_bytes", limit_bytes))
 
-    # Failures and output (coordinator / driver).
+    # Failures and output (the driver).
     def worker_failed(self, reason: str = "lost") -> None:
         """`reason`: "lost" (actor or node died), "timeout" (a collective or rendezvous timed out), "error"."""
         self.backend.inc(_WORKER_FAILURES, (_one_of("failure reason", reason, FAILURE_REASONS),), 1)
@@ -420,7 +199,7 @@ class RenderMetrics:
     # prometheus_client backend only.
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Serve /metrics over HTTP on addr:port (0: a free port); returns the port."""
-        if not isinstance(self.backend, _PrometheusBackend):
+        if not isinstance(self.backend, PrometheusBackend):
             raise TypeError("metrics: only the prometheus_client backend serves HTTP")
         return self.backend.serve(port, addr)
 
@@ -430,7 +209,7 @@ class RenderMetrics:
 
     def exposition(self) -> bytes:
         """The text exposition format, as served (prometheus_client backend only)."""
-        if not isinstance(self.backend, _PrometheusBackend):
+        if not isinstance(self.backend, PrometheusBackend):
             raise TypeError("metrics: only the prometheus_client backend has an exposition here")
         import prometheus_client as pc
 
@@ -467,6 +246,10 @@ class _Tap(Progress):
         self.listener.advance()
         self.inner.advance()
 
+    def finished(self, stage: int, seconds: float) -> None:
+        self.listener.finished(stage, seconds)
+        self.inner.finished(stage, seconds)
+
     def position(self) -> str | None:
         return self.inner.position()
 
@@ -486,6 +269,9 @@ class _StepClock:
         now = time.perf_counter()
         self.metrics.step_finished(self.index, self.rank, now - self.last)
         self.last = now
+
+    def finished(self, stage: int, seconds: float) -> None:
+        pass
 
 
 STAGE_LABEL = re.compile(r"stage (\d+)\b")  # progress labels: "stage 2 1024x1024[ on 4 workers]"
@@ -525,6 +311,9 @@ class _RenderProgress:
         self.left[self.current] = max(0, self.left[self.current] - 1)
         self.work += self.cost[self.current]
         self.report()
+
+    def finished(self, stage: int, seconds: float) -> None:
+        self.metrics.stage_finished(stage, seconds)
 
     def report(self) -> None:
         left = sum(self.left.values())

@@ -120,7 +120,10 @@ class Plan:
             f"checkpoints: at most {self.checkpoint_bytes / 2**20:.0f} MiB",
         ]
         for label, estimate in (("coordinator", self.coordinator), ("each worker", self.worker)):
-            if estimate is not None:
+            if estimate is not None and not estimate.weights:
+                lines.append(f"peak memory, {label} ({estimate.device}): {estimate.peak / GiB:.2f} GiB (process only: "
+                             "no model, the workers hold it and run every stage)")
+            elif estimate is not None:
                 lines.append(
                     f"peak memory, {label} ({estimate.device}): {estimate.peak / GiB:.2f} GiB "
                     f"(process {estimate.baseline / GiB:.2f}, weights {estimate.weights / GiB:.2f}, "
@@ -167,15 +170,19 @@ def vae_bytes(vae: dict, size: Size, previous: Size | None, mode: str, itemsize:
 
 
 def estimate(request: RenderRequest, shape: ModelShape, stages: list[Size], device: str, share: float = 1.0,
-             baseline: int = 0) -> MemoryEstimate:
+             baseline: int = 0, sharded_from: int = 0) -> MemoryEstimate:
+    """One device's peak over `stages`: those from `sharded_from` on hold `share` of their rows, the ones
+    before it all of them (a gang's rank 0 runs those alone)."""
     itemsize = dtype_bytes(request, device)
     vae_itemsize = 4 if shape.vae.get("force_upcast") else itemsize
     weights = (shape.unet_params + shape.text_params) * itemsize + shape.vae_params * vae_itemsize
     scale = 2 ** (len(shape.vae["block_out_channels"]) - 1)
-    unet = max(unet_activation_bytes(shape.unet, (size[1] / scale * share, size[0] / scale), itemsize) for size in stages)
+    shares = [1.0 if index < sharded_from else share for index in range(len(stages))]
+    unet = max(unet_activation_bytes(shape.unet, (size[1] / scale * part, size[0] / scale), itemsize)
+               for size, part in zip(stages, shares))
     mode = "tiled" if request.vae_mode == "tiled" else "exact"
-    vae = max(vae_bytes(shape.vae, size, previous, mode, vae_itemsize, share)
-              for previous, size in zip([None, *stages], stages))
+    vae = max(vae_bytes(shape.vae, size, previous, mode, vae_itemsize, part)
+              for previous, size, part in zip([None, *stages], stages, shares))
     return MemoryEstimate(baseline, weights, unet, vae, device)
 
 
@@ -188,13 +195,15 @@ def preflight(request: RenderRequest) -> Plan | None:
     stages = planned_stages(request, shape)
     check_steps(request, shape.train_timesteps)
     check_inputs(request, stages[0])
-    first = first_sharded_stage(request, stages)
-    baseline = process_memory() + CPU_RUNTIME if not request.device.startswith("cuda") else 0
+    driver = process_memory() + CPU_RUNTIME
+    if request.workers:  # the driver loads no model: it plans, writes checkpoints and streams the TIFF
+        coordinator = MemoryEstimate(driver, 0, 0, 0, "cpu")
+    else:
+        coordinator = estimate(request, shape, stages, request.device, baseline=0 if request.device.startswith("cuda") else driver)
     plan = Plan(
         stages=stages, unet_calls=unet_calls(request, len(stages)), output_bytes=pyramid_bytes(stages[-1]),
-        checkpoint_bytes=checkpoint_bytes(stages, shape),
-        coordinator=estimate(request, shape, stages[: max(first, 1)], request.device, baseline=baseline),
-        worker=worker_estimate(request, shape, stages, baseline),
+        checkpoint_bytes=checkpoint_bytes(stages, shape), coordinator=coordinator,
+        worker=worker_estimate(request, shape, stages, driver),
     )
     check_disk(request, plan)
     check_memory(request, plan)
@@ -207,13 +216,23 @@ def planned_stages(request: RenderRequest, shape: ModelShape) -> list[Size]:
     return request.plan(geometry_from_config(shape.unet["sample_size"], shape.vae["block_out_channels"], shape.unet["block_out_channels"]))
 
 
+def worker_device(request: RenderRequest) -> str:
+    """Where a gang's workers run: a GPU each with --gpus-per-worker above 0, the CPU with 0; without it (a GPU
+    each where the cluster has one per worker) as --device says."""
+    if request.gpus_per_worker is not None:
+        return "cuda" if request.gpus_per_worker > 0 else "cpu"
+    return "cuda" if request.device.startswith("cuda") else "cpu"
+
+
 def worker_estimate(request: RenderRequest, shape: ModelShape, stages: list[Size], baseline: int = 0) -> MemoryEstimate | None:
-    """Each gang worker's peak for its share of the sharded stages, on its own device; None without a gang."""
+    """The peak of the busiest gang worker, on the device and dtype it will use: its share of the sharded stages,
+    and for rank 0 the stages before them whole; None without a gang. `baseline`: a CPU worker's process."""
     first = first_sharded_stage(request, stages)
     if first >= len(stages):
         return None
-    device = "cuda" if request.gpus_per_worker != 0 and request.device.startswith("cuda") else "worker device"
-    return estimate(request, shape, stages[first:], device, share=1 / request.workers, baseline=baseline)
+    device = worker_device(request)
+    return estimate(request, shape, stages, device, share=1 / request.workers, baseline=0 if device == "cuda" else baseline,
+                    sharded_from=first)
 
 
 def worker_need(request: RenderRequest) -> int | None:

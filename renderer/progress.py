@@ -28,6 +28,9 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
 
+    def finished(self, stage: int, seconds: float) -> None:
+        """Stage `stage` ended after `seconds` (its transition included); the bars show nothing more."""
+
     def position(self) -> str | None:
         """Where the render is, e.g. "stage 2 1024x1024, step 4/5" (the step running); None before any stage."""
         if self.label is None:

@@ -39,6 +39,7 @@ class ModelGeometry:
 
     train_px: int  # e.g. 1024 for SDXL, 256 for the built-in models
     granularity: int  # stage sides must be multiples of this (VAE scale × UNet downsampling)
+    vae_scale: int = 8  # pixels per latent row or column
 
 
 def plan_stages(target: Size, geometry: ModelGeometry) -> list[Size]:

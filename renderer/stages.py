@@ -54,7 +54,7 @@ BothBranches = Callable[[torch.Tensor], torch.Tensor]  # one branch's prediction
 def predict_noise(pipeline: StableDiffusionXLPipeline, scheduler, latents: torch.Tensor, timestep, cond: Conditioning,
                   both_branches: BothBranches | None = None) -> torch.Tensor:
     """One CFG UNet call; latents are fp32, the UNet runs in its own dtype. With `both_branches` (a rank of a
-    guidance split, `cluster.guidance`), `cond` is one branch and the other comes from the partner."""
+    guidance split, `renderer.parallel.guidance`), `cond` is one branch and the other comes from the partner."""
     batch = cond.prompt_embeds.shape[0]
     model_input = scheduler.scale_model_input(torch.cat([latents] * batch), timestep).to(pipeline.unet.dtype)
     noise = pipeline.unet(
@@ -138,9 +138,9 @@ def unscaled(pipeline, latents: torch.Tensor) -> torch.Tensor:
 
 
 def encode(pipeline, image: torch.Tensor, seed: int, stage: int, rows: slice = slice(None), latent_height: int | None = None) -> torch.Tensor:
-    """Image → latents with a seeded posterior sample (the tiled encode: `cluster.gang.encode_strip_tiled`).
+    """Image → latents with a seeded posterior sample (the tiled encode: `renderer.strip_vae.encode_strip_tiled`).
 
-    A row-sharded worker encodes its image strip (under `cluster.sharding`) and passes the latent `rows`
+    A row-sharded worker encodes its image strip (under `renderer.parallel.sharding`) and passes the latent `rows`
     it holds of a latent `latent_height` rows high; the posterior noise is drawn whole and sliced."""
     vae = pipeline.vae
     moments = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.parameters

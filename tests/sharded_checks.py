@@ -17,10 +17,10 @@ from diffusers.models.downsampling import Downsample2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from cluster import ops
-from cluster.gang import decode_strip
-from cluster.sharding import ShardedScaleFusion, sharded_backend, sharding
-from cluster.strips import RowGroup, StripLayout, plan_strips
+from renderer.parallel import ops
+from renderer.strip_vae import decode_strip
+from renderer.parallel.sharding import ShardedScaleFusion, sharded_backend, sharding
+from renderer.parallel.strips import RowGroup, StripLayout, plan_strips
 from freescale_core import FreeScaleConfig, freescale_mode
 from freescale_core.attention import ScaleFusionProcessor, StageGeometry
 from freescale_core.blur import gaussian_blur
@@ -215,7 +215,7 @@ def check_vae(rows: RowGroup, pipeline) -> Errors:
 def check_tiled_encode(rows: RowGroup, vae) -> float:
     """diffusers' tiled encode with 64 px tiles (48 px stride, 6 latent rows kept per tile row) of an image
     whose tile rows straddle the strips: this rank's rows against the whole image's."""
-    from cluster.gang import encode_strip_tiled
+    from renderer.strip_vae import encode_strip_tiled
     from renderer.vae_bands import encode_tiled
 
     image = (structured((1, 3, rows.layout.height * 8, 136), rows.layout) * 0.3).float()
@@ -268,7 +268,7 @@ def run_all(rank: int, world: int) -> Errors:
 def split_stage_job(pipeline):
     """A 256 -> 512 stage of the tiny model with a region mask and a checkpoint after every step: the job both
     the guidance-split gang and the single process run."""
-    from cluster.gang import StageJob
+    from renderer.stage_loop import StageJob
     from renderer.stages import encode_prompts
 
     cond = encode_prompts(pipeline, "a red kite", "blurry", (256, 256), guidance=7.5)
@@ -284,10 +284,10 @@ def split_stage_job(pipeline):
 def run_split_stage(rank: int, world: int) -> dict:
     """This rank's part of `split_stage_job` with the guidance split: its rows, final latents, the checkpoint
     rows it handed over and the bytes it received per step by kind."""
-    from cluster.gang import run_stages
+    from renderer.stage_loop import run_stages
     from renderer.models import load_pipeline
 
     pipeline = load_pipeline("tiny")
     handed = []
     run = run_stages(pipeline, split_stage_job(pipeline), checkpoint=lambda *args: handed.append(args))
-    return {"span": run.rows.span, "latents": run.latents, "checkpoints": handed, "step_bytes": run.step_bytes[0]}
+    return {"span": run.rows.span, "latents": run.latents, "checkpoints": handed, "step_bytes": run.step_bytes[1]}

@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cluster.coordinator import Gang, GangSpec
+from cluster.gang import Gang, GangSpec
 from renderer import RenderRequest, render
 from freescale_core import FreeScaleConfig
 from renderer.cli import build_parser, request_from_args
@@ -45,15 +45,17 @@ def test_two_workers_write_the_single_process_render(ray_session, tiny_pipeline,
     assert np.abs(written.astype(int) - single.image).max() <= 1
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["workers"]["count"] == 2 and sidecar["workers"]["backend"] == "gloo"
-    assert sidecar["workers"]["cfg_split"] is True  # an even gang: one guidance branch per worker (cluster.guidance)
+    assert sidecar["workers"]["cfg_split"] is True  # an even gang: one guidance branch per worker (renderer.parallel.guidance)
     assert sidecar["workers"]["strips"] == [[0, 64], [64, 128]]
+    assert sidecar["workers"]["stage_ranks"] == [[0], [0, 1], [0, 1]]  # the base stage on rank 0, inside the gang
+    assert sidecar["device"] == "cpu" and sidecar["dtype"] == "float32"  # the workers' model, not a driver's
     for index, expected in enumerate(single.stage_images):
         stage = np.asarray(Image.open(tmp_path / f"sharded.stage{index}-{['256x256', '512x512'][index]}.png"))
         assert np.abs(stage.astype(int) - expected).max() <= 1
 
 
 def test_three_workers_from_a_later_stage_tiled_vae_fast_mode(ray_session, tiny_pipeline, tmp_path):
-    """--shard-from 1024x1024: the coordinator runs 256 and 512, 3 workers the 4x stage on uneven strips (fast mode
+    """--shard-from 1024x1024: rank 0 runs 256 and 512 alone, 3 workers the 4x stage on uneven strips (fast mode
     needs 16-row units there: 48 + 48 + 32), with diffusers-tiled transitions and final decode."""
     request = RenderRequest(prompt="blue square", seed=2, stages=((256, 256), (512, 512), (1024, 1024)), steps=5,
                             vae_mode="tiled", freescale=FreeScaleConfig(fast_mode=True, fusion_blur="hwc"), out=tmp_path / "t.png")
@@ -64,6 +66,34 @@ def test_three_workers_from_a_later_stage_tiled_vae_fast_mode(ray_session, tiny_
     assert sharded.metadata["workers"]["first_stage"] == 2 and sharded.metadata["workers"]["cfg_split"] is False
     assert sharded.metadata["workers"]["strips"] == [(0, 48), (48, 96), (96, 128)]
     assert len(sharded.metadata["seconds"]["stages"]) == 3
+
+
+def test_the_driver_of_a_sharded_render_builds_no_model(ray_session, monkeypatch, tmp_path):
+    """No UNet, VAE or text encoder with weights is constructed in the driver's process (the gang's actors build
+    theirs; the preflight's shape-only models on the meta device hold none), and the base stage runs on rank 0:
+    the render equals the single-process one. The counting is shown to work on an in-process load first."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from renderer.models import load_pipeline
+
+    built: list[str] = []
+    for cls in (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection):
+        def counting(self, *args, _init=cls.__init__, _name=cls.__name__, **kwargs):
+            _init(self, *args, **kwargs)
+            if next(self.parameters()).device.type != "meta":
+                built.append(_name)
+        monkeypatch.setattr(cls, "__init__", counting)
+    pipeline = load_pipeline("tiny")
+    assert set(built) == {"AutoencoderKL", "CLIPTextModel", "CLIPTextModelWithProjection", "UNet2DConditionModel"}
+    built.clear()
+
+    request = RenderRequest(prompt="a red kite", seed=3, stages=((256, 256), (512, 512)), steps=4, out=tmp_path / "k.png")
+    sharded = render(request.with_(workers=2), progress=False, write=False)
+    assert built == []
+    assert sharded.metadata["workers"]["stage_ranks"] == [[0], [0, 1]]
+    single = render(request, pipeline=pipeline, progress=False, write=False)
+    assert np.abs(sharded.image.astype(int) - single.image).max() <= 1
 
 
 def test_too_many_workers_is_refused_before_anything_starts(tiny_pipeline, tmp_path):
@@ -122,8 +152,9 @@ def test_workers_without_the_memory_of_the_plan_are_refused_before_any_stage(ray
 def test_auto_vae_mode_sizes_a_sharded_decode_by_the_strip_and_the_workers_memory(tiny_pipeline, tmp_path):
     """16384² with the tiny VAE (16 channels, fp32): one activation is 17 GB. Whole, three of them do not fit in
     80 % of 32 GiB; an eighth of the rows does."""
-    from renderer.engine import choose_vae_mode
+    from renderer.render_plan import choose_vae_mode
+    from renderer.worker import model_info
 
     request = RenderRequest(prompt="p", size=(16384, 16384), out=tmp_path / "x.tif")
-    assert choose_vae_mode(request, tiny_pipeline, (16384, 16384), available=32 * 2**30) == "tiled"
-    assert choose_vae_mode(request, tiny_pipeline, (16384, 16384), share=1 / 8, available=32 * 2**30) == "exact"
+    assert choose_vae_mode(request, model_info(tiny_pipeline), (16384, 16384), available=32 * 2**30) == "tiled"
+    assert choose_vae_mode(request, model_info(tiny_pipeline), (16384, 16384), share=1 / 8, available=32 * 2**30) == "exact"

@@ -1,4 +1,4 @@
-"""Classifier-free guidance split over an even gang (`cluster.guidance`): 4 gloo ranks, two per branch, run a
+"""Classifier-free guidance split over an even gang (`renderer.parallel.guidance`): 4 gloo ranks, two per branch, run a
 whole 256 -> 512 stage (mask, checkpoints every step) and give the single process's latents and checkpoints.
 
 Rank r runs branch r % 2 on strips 2(r // 2) and 2(r // 2) + 1; the branch groups exchange halos and K/V
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sharded_checks
-from cluster.gang import run_stages
+from renderer.stage_loop import run_stages
 from cluster.spawn import run_ranks
 
 WORLD = 4

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.gang import detail_scale
-from cluster.strips import RowGroup
+from renderer.stage_loop import detail_scale
+from renderer.parallel.strips import RowGroup
 from freescale_core import FreeScaleConfig
 from freescale_core.cascade import skip_residual_weight
 from freescale_core.rng import normal

@@ -30,7 +30,7 @@ import pytest
 import tifffile
 import yaml
 
-from cluster.jobs import submission_id
+from renderer.jobs import submission_id
 from polling import wait_until
 from ray_head import RAY, VENV_BIN, ray_head  # noqa: F401  (ray_head: the module's Ray head fixture)
 from renderer import render
@@ -133,7 +133,7 @@ def test_runtime_env_keeps_the_uploaded_working_dir_small(tmp_path):
 
     size, names = zipped_names(ROOT, spec["excludes"], tmp_path / "checkout.zip")
     assert size < 10 * 1024**2, f"working_dir zip is {size / 1024**2:.1f} MiB"
-    assert {"renderer/cli.py", "cluster/coordinator.py", "pyproject.toml"} <= set(names)
+    assert {"renderer/cli.py", "cluster/gang.py", "pyproject.toml"} <= set(names)
     for name in names:
         assert not {".git", ".venv", "__pycache__", ".pytest_cache"} & set(name.split("/")), name
         assert not name.endswith((".safetensors", ".pyc")), name
@@ -247,7 +247,7 @@ def test_ray_job_submit_renders_the_single_process_image(ray_head, tiny_pipeline
 
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["workers"]["count"] == 2
-    assert sidecar.get("ray_job_submission_id") == sid  # recorded by renderer.engine from cluster.jobs.submission_id()
+    assert sidecar.get("ray_job_submission_id") == sid  # recorded by renderer.engine from renderer.jobs.submission_id()
 
 
 @pytest.mark.timeout(420)

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prometheus_server import prometheus_server, require_binary
+import renderer.metric_backends
 from renderer import metrics as m
 from renderer.metrics import SPECS, RenderMetrics, metrics_for
 
@@ -233,7 +234,7 @@ def fake_ray(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray.util.metrics", fake)
     monkeypatch.setattr(ray.util, "metrics", fake, raising=False)
     monkeypatch.setattr(m, "_ray_backend", None)
-    monkeypatch.setattr(m, "RAY_GAUGE_REFRESH_S", 0.05)
+    monkeypatch.setattr(renderer.metric_backends, "RAY_GAUGE_REFRESH_S", 0.05)  # read where the Ray backend refreshes
     yield
     if m._ray_backend is not None:
         m._ray_backend.close()

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
-import renderer.engine
+import renderer.worker
 import renderer.preflight
 from renderer import RenderRequest, render
 from renderer.cli import main
 from renderer.errors import RenderError
 from renderer.preflight import model_shape, preflight, unet_activation_bytes
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -20,7 +26,7 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(renderer.engine, "load_pipeline", refuse)
+    monkeypatch.setattr(renderer.worker, "load_pipeline", refuse)  # where every rank loads its model
 
 
 def one_line_error(capsys, argv) -> str:
@@ -70,7 +76,31 @@ def test_worker_estimate_is_a_share_of_the_rows(tmp_path):
     plan = preflight(request)
     single = preflight(request.with_(workers=0))
     assert plan.worker is not None and plan.worker.unet < single.coordinator.unet / 2
-    assert plan.coordinator.unet < single.coordinator.unet  # the coordinator keeps only the base stage
+    assert plan.coordinator.unet < single.coordinator.unet  # the coordinator holds no model: the gang runs every stage
+    assert plan.coordinator.weights == 0 and plan.coordinator.vae == 0
+
+
+def test_the_rayjob_entrypoint_plans_no_model_on_the_driver_and_fp16_gpu_workers(no_weights, capsys, tmp_path):
+    """The shipped RayJob's command with `sdxl-random` for its model folder (same shapes): the driver holds no
+    weights, the 8 workers are planned on their GPUs in fp16 (37.80 GiB each when they were planned in fp32),
+    rank 0's whole base stage included."""
+    import shlex
+
+    import yaml
+
+    job = yaml.safe_load((ROOT / "deploy/k8s/overlays/rayjob/job/rayjob.yaml").read_text())
+    argv = shlex.split(job["spec"]["entrypoint"])[2:]
+    argv[argv.index("--model") + 1] = "sdxl-random"
+    argv[argv.index("--out") + 1] = str(tmp_path / "poster.tif")
+    assert main([*argv, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (driver,) = [line for line in lines if line.startswith("peak memory, coordinator")]
+    (worker,) = [line for line in lines if line.startswith("peak memory, each worker")]
+    assert driver.startswith("peak memory, coordinator (cpu):") and "no model" in driver and "weights" not in driver
+    assert worker.startswith("peak memory, each worker (cuda):")
+    weights = float(re.search(r"weights ([\d.]+),", worker).group(1))
+    assert 6 < weights < 7  # SDXL's UNet (2.6 B parameters) and text encoders (0.8 B) at 2 bytes, its VAE upcast to 4
+    assert float(re.search(r"each worker \(cuda\): ([\d.]+) GiB", worker).group(1)) < 24
 
 
 def test_unet_estimate_counts_every_held_skip(tmp_path):

@@ -155,7 +155,7 @@ def _tokenizer_from_json(text: str) -> CLIPTokenizer:
 def geometry_from_config(sample_size: int, vae_channels, unet_channels) -> ModelGeometry:
     """Training size and size granularity from the UNet's latent sample size and both models' level counts."""
     vae_scale = 2 ** (len(vae_channels) - 1)
-    return ModelGeometry(train_px=sample_size * vae_scale, granularity=vae_scale * 2 ** (len(unet_channels) - 1))
+    return ModelGeometry(train_px=sample_size * vae_scale, granularity=vae_scale * 2 ** (len(unet_channels) - 1), vae_scale=vae_scale)
 
 
 def peek_geometry(model: str) -> ModelGeometry | None:

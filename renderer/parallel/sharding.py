@@ -1,7 +1,7 @@
 """Run an unmodified diffusers UNet or VAE on a row strip: `with sharding(model, rows): model(strip)`.
 
 Inside the context every module that reaches across rows is redirected to its exchanging version in
-`cluster.ops`: 3×3 convs (plain, dilated, strided, after nearest upsampling), GroupNorms, the VAE
+`renderer.parallel.ops`: 3×3 convs (plain, dilated, strided, after nearest upsampling), GroupNorms, the VAE
 encoder's asymmetrically padded downsamplers and every self-attention. FreeScale's own cross-strip
 operations (scale fusion's windows, global attention and blur; FreeU's Fourier filter) come in through
 `sharded_backend`, which `freescale_mode` installs per call like the single-process processors.
@@ -19,8 +19,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from torch import nn
 
-from cluster import ops
-from cluster.strips import RowGroup, Span, StripLayout
+from renderer.parallel import ops
+from renderer.parallel.strips import RowGroup, Span, StripLayout
 from freescale_core.attention import ScaleFusionProcessor, StageGeometry, local_attention, project, strided_global_attention
 from freescale_core.blur import kernel_size
 from freescale_core.mode import LOCAL, Backend

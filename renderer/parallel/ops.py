@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.strips import RowGroup, StripLayout
+from renderer.parallel.strips import RowGroup, StripLayout
 from freescale_core import freeu
 from freescale_core.blur import BLUR_AXES, gaussian_blur
 from renderer.vae_bands import group_moments, merge_moments, normalize_groups

@@ -23,8 +23,8 @@ Span = tuple[int, int]  # [start, stop) in global rows
 
 # Bytes this process has received, by purpose: row fetches are labelled by their caller ("conv", "window",
 # "blur", "vae", "guidance"), "ring" counts K/V blocks, "sum" all-reduced statistics (counted once at their
-# size), "guidance" also the partner's prediction of a guidance split (`cluster.guidance`).
-# Read by the benchmarks.
+# size), "guidance" also the partner's prediction of a guidance split (`renderer.parallel.guidance`), "handoff"
+# the latents of the stages rank 0 ran alone (`hand_over`). Read by the benchmarks and the metrics.
 received_bytes: dict[str, int] = defaultdict(int)
 
 
@@ -195,3 +195,20 @@ def init_process_group(rank: int, world: int, address: str, backend: str, timeou
         backend, init_method=f"tcp://{address}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
     )
     dist.all_reduce(torch.zeros(1, device="cuda" if backend == "nccl" else "cpu"))
+
+
+def hand_over(tensor: torch.Tensor | None, shape: Sequence[int], device: torch.device, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Rank 0's `tensor` (fp32, of `shape`) on every rank of `group`: the latents of the stages rank 0 ran alone.
+
+    The other ranks pass None and wait here while rank 0 works (within the group's collective timeout)."""
+    staged = dist.get_backend(group) == "gloo"
+    if tensor is None:
+        tensor = torch.empty(tuple(shape), dtype=torch.float32, device="cpu" if staged else device)
+        received = True
+    else:
+        tensor = tensor.float().contiguous().to("cpu" if staged else device)
+        received = False
+    dist.broadcast(tensor, src=0, group=group)
+    if received:
+        received_bytes["handoff"] += tensor.numel() * tensor.element_size()
+    return tensor.to(device)

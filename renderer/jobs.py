@@ -1,7 +1,7 @@
 """Running as a Ray job (`ray job submit ... -- freescale-render ...`).
 
 Ray's job supervisor starts the entrypoint as a shell command with, among its environment:
-* RAY_ADDRESS: the cluster's GCS address, which `ray.init()` (so `cluster.coordinator.connect`) joins;
+* RAY_ADDRESS: the cluster's GCS address, which `ray.init()` (so `cluster.placement.connect`) joins;
 * RAY_JOB_CONFIG_JSON_ENV_VAR: `{"runtime_env": {...}, "metadata": {"job_submission_id": ID, "job_name": ID, ...}}`,
   the job's config, which `ray.init()` applies to the driver (Ray 2.x, `dashboard/modules/job/job_supervisor.py`;
   the key is `ray.dashboard.modules.job.common.JOB_ID_METADATA_KEY`).

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from cluster.strips import RowGroup, StripLayout, received_bytes
+from renderer.parallel.strips import RowGroup, StripLayout, received_bytes
 
 
 def branch_layout(layout: StripLayout) -> StripLayout:

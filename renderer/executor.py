@@ -1,0 +1,138 @@
+"""Where a render's model work runs, chosen in one place; `render()` only talks to an `Executor`.
+
+Every rank runs the same `renderer.worker.Worker`. `InProcessExecutor` is one rank in this process (the
+default, `--workers 0`); `cluster.ray_executor.RayExecutor` is a gang of Ray actors in one placement group,
+each with the model, the driver holding none. `Executor.get_class` is the only place that names `cluster`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from renderer.metrics import NULL_METRICS, RenderMetrics
+from renderer.progress import Progress
+from renderer.request import RenderRequest
+from renderer.stage_loop import CheckpointSink, StageJob
+from renderer.worker import ModelInfo, RankResult, Worker
+
+
+@dataclass
+class Outcome:
+    """What a job's run gives the driver: its ranks' results put together."""
+
+    latents: torch.Tensor  # the final latents, whole (small: a 16K latent is 64 MiB in fp32)
+    stage_images: dict[int, np.ndarray]  # with save_stages: the images of the stages decoded on the ranks
+    stage_seconds: dict[int, float]  # per stage run, the slowest rank's
+    ranks: list[RankResult]
+
+    @classmethod
+    def of(cls, results: list[RankResult]) -> "Outcome":
+        stages = sorted({stage for result in results for stage in result.seconds})
+        return cls(
+            latents=torch.cat([result.latents for result in results], dim=2),
+            stage_images={stage: np.concatenate([r.stage_pixels[stage] for r in results if stage in r.stage_pixels], axis=0)
+                          for stage in sorted({stage for r in results for stage in r.stage_pixels})},
+            stage_seconds={stage: max(r.seconds[stage] for r in results if stage in r.seconds) for stage in stages},
+            ranks=results,
+        )
+
+    def stage_ranks(self, count: int) -> list[list[int] | None]:
+        """Per stage, the ranks that ran it (None: not run here, e.g. before a resume)."""
+        ran = [[result.rank for result in self.ranks if stage in result.seconds] for stage in range(count)]
+        return [ranks or None for ranks in ran]
+
+
+class Executor(ABC):
+    """A render's ranks, started on entry and freed on exit."""
+
+    ranks: int = 1
+    device: str = "cpu"  # where the ranks run: "cpu" or "cuda"
+
+    @staticmethod
+    def get_class(request: RenderRequest) -> type["Executor"]:
+        if not request.workers:
+            return InProcessExecutor
+        from cluster.ray_executor import RayExecutor  # the one import of cluster/: only a gang needs Ray
+
+        return RayExecutor
+
+    @classmethod
+    def connect(cls, request: RenderRequest) -> None:
+        """Join whatever the ranks will run on before anything records metrics there (nothing in-process)."""
+
+    @classmethod
+    def ranks_that_fit(cls, request: RenderRequest, wanted: int) -> int:
+        """How many of `wanted` ranks could be started now (to restart after a lost rank)."""
+        return wanted
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the ranks (once; later calls do nothing)."""
+
+    @abstractmethod
+    def model(self) -> ModelInfo:
+        """The loaded model's shape, dtypes and device, as the ranks hold it."""
+
+    @abstractmethod
+    def free_memory(self) -> int:
+        """The least free memory of any rank's device, in bytes."""
+
+    @abstractmethod
+    def largest_share(self, size: tuple[int, int]) -> float:
+        """The largest fraction of a sharded stage's rows one rank holds."""
+
+    @abstractmethod
+    def run(self, job: StageJob, progress: Progress, on_checkpoint: CheckpointSink | None) -> Outcome:
+        """Run the job on every rank; rank 0's steps show on `progress`, every checkpoint's rows go to `on_checkpoint`."""
+
+    @abstractmethod
+    def pixel_rows(self) -> Iterator[np.ndarray]:
+        """The final image of the last run, top to bottom in (rows, W, 3) uint8 bands."""
+
+    def written(self) -> None:
+        """The final rows are all taken: record the ranks' peak memory where they do not record it themselves."""
+
+
+class InProcessExecutor(Executor):
+    """One rank in this process: the model is loaded here (or the one given is used)."""
+
+    def __init__(self, request: RenderRequest, metrics: RenderMetrics = NULL_METRICS, pipeline=None):
+        self.metrics = metrics
+        self.worker = Worker(request.model, request.device, request.dtype, request.model_config, pipeline=pipeline)
+        self.device = self.worker.device.type
+
+    def model(self) -> ModelInfo:
+        return self.worker.info()
+
+    def free_memory(self) -> int:
+        return self.worker.memory()
+
+    def largest_share(self, size: tuple[int, int]) -> float:
+        return 1.0
+
+    def run(self, job: StageJob, progress: Progress, on_checkpoint: CheckpointSink | None) -> Outcome:
+        return Outcome.of([self.worker.run(job, progress, on_checkpoint, self.metrics)])
+
+    def pixel_rows(self) -> Iterator[np.ndarray]:
+        return self.worker.final_rows()
+
+    def written(self) -> None:
+        self.metrics.peak_memory(0, *self.worker.peak())
+
+
+def start_executor(request: RenderRequest, metrics: RenderMetrics = NULL_METRICS, pipeline=None) -> Executor:
+    """The request's executor, started (a gang reserved and checked against the plan's memory). `pipeline`, an
+    already loaded model, serves an in-process render; a gang's workers load --model themselves."""
+    if request.workers:
+        return Executor.get_class(request)(request, metrics)
+    return InProcessExecutor(request, metrics, pipeline)
