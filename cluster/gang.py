@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import socket
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from cluster.placement import bundle_for, connect
+from cluster.queue import wait_for_gang
 from renderer.errors import RenderError, WorkerLost
 from renderer.executor import Executor, Outcome
 from renderer.metrics import NULL_METRICS, RenderMetrics
@@ -37,7 +39,7 @@ class GangSpec:
     dtype: str | None = None  # default: float16 on GPU workers, float32 on CPU
     address: str | None = None  # a Ray cluster to join; None starts (or joins) a local one
     gpus_per_worker: float | None = None  # None: 1 if the cluster has a GPU per worker, else CPU workers
-    placement_timeout_s: float = 300.0
+    queue_timeout_s: float | None = None  # None: wait for the cluster as long as it takes
     collective_timeout_s: float = 1800.0  # above the longest denoising step (16K: ~45 s) and rank 0's base stage
 
 
@@ -184,14 +186,8 @@ class Gang(Executor):
         self.group = placement_group([bundle] * spec.workers, strategy="PACK")
         self.workers = []
         try:
-            try:
-                ray.get(self.group.ready(), timeout=spec.placement_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                metrics.placement_failed()
-                raise RenderError(
-                    f"--workers {spec.workers}: the cluster could not reserve {spec.workers} x {bundle} within "
-                    f"{spec.placement_timeout_s:.0f} s (it has {ray.cluster_resources()}); use fewer workers or add nodes"
-                ) from None
+            self.waited_s = wait_for_gang(self.group, [bundle] * spec.workers, spec.queue_timeout_s, metrics)
+            self.placed_at, self.bundle = time.time(), bundle
             try:
                 self._start(spec, bundle, gpus)
             except ray.exceptions.RayError as error:

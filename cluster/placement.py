@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 
 from renderer.errors import RenderError
 
@@ -34,11 +35,13 @@ def connect(address: str | None, workers: int) -> None:
     try:
         joined = address or os.environ.get("RAY_ADDRESS")
         if joined:
+            where = f"--address {address}" if address else f"RAY_ADDRESS={joined}"
+            check_listening(joined, where)
             try:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             except ConnectionError as error:
-                where = f"--address {address}" if address else f"RAY_ADDRESS={joined}"
-                raise RenderError(f"{where}: no Ray cluster answers there ({error})") from None
+                raise RenderError(f"{where}: the Ray cluster there did not let this process in ({error}); "
+                                  f"{token_advice()}") from None
             return
         try:
             ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
@@ -48,6 +51,28 @@ def connect(address: str | None, workers: int) -> None:
     finally:
         if callable(handler) and signal.getsignal(signal.SIGTERM) is not handler:
             signal.signal(signal.SIGTERM, handler)
+
+
+def check_listening(address: str, where: str, timeout_s: float = 5.0) -> None:
+    """Refuse at once an address where nothing listens (`ray.init` would retry it for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address in ("auto", "local") or not host or not port.isdigit():
+        return  # Ray's own forms: it says what is wrong with them
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise RenderError(f"{where}: nothing answers at {host}:{port} ({error.strerror or error}); give the address of a "
+                          "running Ray head: HOST:6379 (its GCS), ray://HOST:10001, or auto on one of its nodes") from None
+
+
+def token_advice() -> str:
+    """What to set when a Ray cluster refuses a process: Ray 2.60 heads start with token authentication on."""
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        return ("Ray clusters require a token by default: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the "
+                "cluster's token (or put it in ~/.ray/auth_token), as the README's Ray Jobs section shows")
+    if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return "RAY_AUTH_MODE=token is set but RAY_AUTH_TOKEN is not: set it to the cluster's token"
+    return "check that RAY_AUTH_TOKEN is this cluster's token, and that the address is its GCS (HOST:6379)"
 
 
 def cpu_share(workers: int) -> float:

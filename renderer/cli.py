@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-restarts", type=int, default=3, help="rebuild the gang at most this many times after lost workers (default 3)")
     add("--collective-timeout", type=float, default=1800.0,
         help="seconds a worker waits in one exchange before the gang counts as broken (default 1800)")
+    add("--queue-timeout", type=float, metavar="SECONDS",
+        help="with --workers: give up after waiting this long for the cluster to free the gang's resources "
+             "(default: wait as long as it takes)")
     add("--metrics-port", type=int,
         help="without --workers: serve Prometheus metrics (freescale_*) at http://ADDR:PORT/metrics while rendering; "
              "with --workers they go to Ray's metrics export port (ray_freescale_*) instead")
@@ -111,7 +114,7 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
         cfg_split=not args.no_cfg_split,
         checkpoint_dir=args.checkpoint_dir, resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints,
         checkpoint_every_steps=args.checkpoint_every_steps, checkpoint_every_minutes=args.checkpoint_every_minutes,
-        max_restarts=args.max_restarts, collective_timeout_s=args.collective_timeout,
+        max_restarts=args.max_restarts, collective_timeout_s=args.collective_timeout, queue_timeout_s=args.queue_timeout,
         metrics_port=args.metrics_port, metrics_addr=args.metrics_addr, metrics_linger_s=args.metrics_linger,
     )
 

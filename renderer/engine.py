@@ -147,7 +147,8 @@ def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress,
                 "device": model.device, "dtype": model.dtype, "vae_dtype": model.vae_dtype, "vae_mode": modes[-1],
                 "transition_vae_modes": modes[:-1], "versions": library_versions(), **history,
                 "ray_job_submission_id": submission_id(),
-                "seconds": {"stages": [outcome.stage_seconds.get(index) for index in range(len(stages))]},
+                "seconds": {"stages": [outcome.stage_seconds.get(index) for index in range(len(stages))],
+                            **({"waiting": executor.waited_s} if request.workers else {})},
                 **({"workers": gang_summary(executor, plan, outcome, request.cfg_split)} if request.workers else {}),
             },
         )
@@ -178,6 +179,7 @@ def gang_summary(executor: Executor, plan: StagePlan, outcome, cfg_split: bool) 
     count = len(plan.stages)
     return {
         "count": executor.ranks, "backend": executor.backend, "device": executor.device, "first_stage": plan.first_sharded,
+        "bundle": executor.bundle, "placed_at": executor.placed_at,  # each worker's reservation; when the gang got it (Unix s)
         "strips": [result.rows for result in ranks], "cfg_split": cfg_split and executor.ranks % 2 == 0,
         "stage_ranks": outcome.stage_ranks(count), "peak_bytes": [result.peak_bytes for result in ranks],
         "stage_seconds": [[result.seconds.get(stage) for stage in range(count)] for result in ranks],

@@ -17,7 +17,7 @@ PACKAGES = ("freescale_core", "renderer", "cluster")
 NOT_PIXELS = {
     "out", "save_stages", "preview", "compression", "dpi", "tile_size", "workers", "address", "gpus_per_worker",
     "shard_from", "cfg_split", "checkpoint_dir", "resume", "keep_checkpoints", "checkpoint_every_steps", "checkpoint_every_minutes",
-    "max_restarts", "collective_timeout_s", "metrics_port", "metrics_addr", "metrics_linger_s", "model", "image",
+    "max_restarts", "collective_timeout_s", "queue_timeout_s", "metrics_port", "metrics_addr", "metrics_linger_s", "model", "image",
     "mask", "device", "dtype",
 }
 

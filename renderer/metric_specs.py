@@ -14,6 +14,8 @@ EXCHANGE_KINDS = ("conv", "window", "blur", "vae", "resize", "ring", "sum", "gui
 FAILURE_REASONS = ("lost", "timeout", "error")
 
 # From a 50 ms step of the tiny model on a GPU up to a four-hour 16K stage.
+# From a gang placed at once on a free cluster to a poster that waited behind a night of others.
+WAIT_BUCKETS = (0.05, 0.5, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 
 # Ray drops a gauge observation it has not received for 2 report intervals (2 x 10 s by default).
@@ -56,6 +58,10 @@ SPECS: tuple[MetricSpec, ...] = (
                "Workers that failed during a render, by reason (lost, timeout, error).", ("reason",)),
     MetricSpec("freescale_gang_placement_failures_total", "counter",
                "Gangs of workers that the cluster could not place in time."),
+    MetricSpec("freescale_renders_waiting", "gauge",
+               "Renders whose gang of workers waits for the cluster to free its resources."),
+    MetricSpec("freescale_gang_wait_seconds", "histogram",
+               "Seconds a render's gang of workers waited for the cluster before it was placed.", (), WAIT_BUCKETS),
     MetricSpec("freescale_output_bytes_total", "counter", "Bytes written to output files."),
     MetricSpec("freescale_checkpoints_written_total", "counter", "Checkpoints written."),
 )
@@ -78,6 +84,8 @@ _PEAK = _spec("device_memory_peak_bytes")
 _LIMIT = _spec("device_memory_limit_bytes")
 _WORKER_FAILURES = _spec("worker_failures_total")
 _PLACEMENT_FAILURES = _spec("gang_placement_failures_total")
+_WAITING = _spec("renders_waiting")
+_WAIT_SECONDS = _spec("gang_wait_seconds")
 _OUTPUT_BYTES = _spec("output_bytes_total")
 _CHECKPOINTS = _spec("checkpoints_written_total")
 

@@ -46,9 +46,9 @@ from contextlib import contextmanager
 from typing import Iterator, Mapping
 
 from renderer.metric_specs import (  # noqa: F401 (the specs are part of this module's API)
-    DURATION_BUCKETS, EXCHANGE_KINDS, FAILURE_REASONS, OUTCOMES, PREFIX, RAY_GAUGE_REFRESH_S, RAY_PREFIX, SPEC, SPECS,
+    DURATION_BUCKETS, WAIT_BUCKETS, EXCHANGE_KINDS, FAILURE_REASONS, OUTCOMES, PREFIX, RAY_GAUGE_REFRESH_S, RAY_PREFIX, SPEC, SPECS,
     MetricSpec, _CHECKPOINTS, _ETA, _EXCHANGED, _IN_PROGRESS, _LIMIT, _OUTPUT_BYTES, _PEAK, _PLACEMENT_FAILURES, _PROGRESS,
-    _RENDERS, _STAGE_SECONDS, _STEP_SECONDS, _STEPS, _WORKER_FAILURES, _amount, _index, _one_of,
+    _RENDERS, _STAGE_SECONDS, _STEP_SECONDS, _STEPS, _WAIT_SECONDS, _WAITING, _WORKER_FAILURES, _amount, _index, _one_of,
 )
 from renderer.metric_backends import PrometheusBackend, RayBackend
 from renderer.progress import Progress
@@ -189,6 +189,13 @@ class RenderMetrics:
 
     def placement_failed(self) -> None:
         self.backend.inc(_PLACEMENT_FAILURES, (), 1)
+
+    def waiting(self, delta: int) -> None:
+        """A render's gang starts (1) or stops (-1) waiting for the cluster."""
+        self.backend.add(_WAITING, (), delta)
+
+    def gang_waited(self, seconds: float) -> None:
+        self.backend.observe(_WAIT_SECONDS, (), _amount("seconds", seconds))
 
     def output_written(self, nbytes: int) -> None:
         self.backend.inc(_OUTPUT_BYTES, (), _amount("nbytes", nbytes))

@@ -145,6 +145,7 @@ class RenderRequest:
     checkpoint_every_minutes: float = 10.0  # inside a stage, checkpoint at least this often
     max_restarts: int = 3  # gang rebuilds after lost workers before giving up
     collective_timeout_s: float = 1800.0  # a collective that waits longer fails (and the gang is rebuilt)
+    queue_timeout_s: float | None = None  # with workers: give up waiting for the cluster after this long (None: never)
     metrics_port: int | None = None  # without --workers: serve Prometheus metrics on this port (0: any free one)
     metrics_addr: str = "0.0.0.0"  # ... on this address
     metrics_linger_s: float = 15.0  # ... and keep serving them this long after the render, for the last scrape
@@ -187,6 +188,11 @@ class RenderRequest:
             raise RenderError(f"--max-restarts {self.max_restarts} must be 0 (fail at the first lost worker) or more")
         if not self.collective_timeout_s > 0 or not math.isfinite(self.collective_timeout_s):
             raise RenderError(f"--collective-timeout {self.collective_timeout_s} must be a positive number of seconds, e.g. 1800")
+        if self.queue_timeout_s is not None and (not self.queue_timeout_s > 0 or not math.isfinite(self.queue_timeout_s)):
+            raise RenderError(f"--queue-timeout {self.queue_timeout_s} must be a positive number of seconds, or left out to wait "
+                              "as long as the cluster needs")
+        if self.queue_timeout_s is not None and not self.workers:
+            raise RenderError(f"--queue-timeout {self.queue_timeout_s:g} bounds the wait for a gang of workers; give --workers N too")
         if self.metrics_port is not None and (isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int)
                                               or not 0 <= self.metrics_port <= 65535):
             raise RenderError(f"--metrics-port {self.metrics_port} must be a port number from 0 to 65535 (0: any free port)")

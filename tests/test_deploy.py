@@ -163,10 +163,10 @@ def test_overlays_render_the_expected_objects():
     kinds = {
         overlay: sorted(f"{doc['kind']}/{doc['metadata']['name']}" for doc in objects(overlay)) for overlay in OVERLAYS
     }
-    volumes = ["PersistentVolumeClaim/freescale-models", "PersistentVolumeClaim/freescale-outputs"]
-    assert kinds["raycluster"] == sorted(volumes + ["RayCluster/freescale"])
+    common = ["PersistentVolumeClaim/freescale-models", "PersistentVolumeClaim/freescale-outputs", "NetworkPolicy/freescale-ray"]
+    assert kinds["raycluster"] == sorted(common + ["RayCluster/freescale"])
     # The rayjob overlay borrows the base RayCluster's spec and must not also create that cluster.
-    assert kinds["rayjob"] == sorted(volumes + ["RayJob/freescale-poster"])
+    assert kinds["rayjob"] == sorted(common + ["RayJob/freescale-poster"])
     for overlay in OVERLAYS:
         for doc in objects(overlay):
             assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "freescale-poster", (overlay, doc["kind"])

@@ -47,6 +47,9 @@ def exercise_all(metrics: RenderMetrics) -> None:
     for reason in m.FAILURE_REASONS:
         metrics.worker_failed(reason)
     metrics.placement_failed()
+    metrics.waiting(1)
+    metrics.gang_waited(42.0)
+    metrics.waiting(-1)
     metrics.output_written(123456)
     metrics.checkpoint_written()
     metrics.render_finished("succeeded")

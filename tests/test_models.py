@@ -142,6 +142,41 @@ def test_broken_diffusers_folder(tmp_path):
     assert_render_error_names(str(folder))
 
 
+def test_a_folder_with_only_pickled_weights_is_refused_with_how_to_convert(tiny_pipeline, tmp_path):
+    """save_pretrained without safetensors writes .bin files, which unpickle (and may run code) when loaded."""
+    folder = tmp_path / "pickled"
+    tiny_pipeline.save_pretrained(folder, safe_serialization=False)
+    assert list((folder / "unet").glob("*.bin")) and not list((folder / "unet").glob("*.safetensors"))  # (transformers' text
+    # encoders are written as safetensors whatever is asked)
+    message = assert_render_error_names(str(folder))
+    assert "only pickled weights (diffusion_pytorch_model.bin)" in message
+    assert "save_pretrained(FOLDER) writes safetensors" in message
+
+
+def test_a_pickled_checkpoint_file_is_refused(tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"not even read")
+    message = assert_render_error_names(str(path))
+    assert "pickled checkpoint (.ckpt) can run code" in message
+
+
+def test_a_packed_file_names_its_scheduler_from_a_fixed_list(tiny_pipeline, tmp_path):
+    """A packed file whose scheduler_class names something else in diffusers (here a pipeline class) is refused,
+    not looked up and called."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_single_file(tiny_pipeline, good)
+    with safe_open(str(good), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+    assert metadata["scheduler_class"] == "EulerDiscreteScheduler"
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**metadata, "scheduler_class": "DiffusionPipeline"})
+    message = assert_render_error_names(str(bad))
+    assert "scheduler_class 'DiffusionPipeline' is not one this format takes" in message
+
+
 def test_shipped_toy_weights_fit_the_budget_and_match_the_toy_spec():
     """Issue 13's weight budget (40 MB, decimal, every file of the folder) and the spec that `peek_geometry` and
     `renderer.toy.train` read: the shipped configs must say what TOY says."""

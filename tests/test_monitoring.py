@@ -147,7 +147,7 @@ def test_promtool_unit_tests(rules_dir):
 def test_every_alert_has_firing_and_silent_cases():
     alerts = {rule["alert"] for rule in rules() if "alert" in rule}
     assert alerts == {"FreescaleRenderStalled", "FreescaleRendersFailing", "FreescaleDeviceMemoryNearLimit",
-                      "FreescaleGangNotPlaced"}
+                      "FreescaleGangNotPlaced", "FreescaleRenderWaitingLong"}
     fires, silent = set(), set()
     for test in load(MONITORING / "alerts.test.yaml")["tests"]:
         for case in test.get("alert_rule_test", []):

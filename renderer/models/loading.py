@@ -28,6 +28,13 @@ BUILTIN = ("tiny", "toy", "sdxl-random")
 RECOMMENDED_RESTART_FRACTION = {"toy": 0.8}
 PACKED_FORMAT = "freescale-sdxl-v1"
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# The schedulers a packed file may name (a name is looked up in diffusers only if it is one of these, never any
+# attribute a file asks for): SDXL's own and the common ones for it.
+PACKED_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
+                     "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler",
+                     "PNDMScheduler", "LMSDiscreteScheduler", "DDPMScheduler")
+# Weight files that unpickle (and so may run code) when loaded; only safetensors are read.
+PICKLED = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def recommended_restart_fraction(model: str) -> float:
@@ -62,19 +69,37 @@ def _load(model: str, device: str, model_config: str | None) -> StableDiffusionX
     if model == "toy":
         if not (TOY_WEIGHTS / "model_index.json").is_file():
             raise RenderError(f"--model toy: the trained weights are missing from {TOY_WEIGHTS}; reinstall the package")
-        return StableDiffusionXLPipeline.from_pretrained(TOY_WEIGHTS, dtype=torch.float32)
+        return StableDiffusionXLPipeline.from_pretrained(TOY_WEIGHTS, dtype=torch.float32, use_safetensors=True)
     path = Path(model)
+    if path.suffix.lower() in PICKLED:
+        raise RenderError(f"--model {model}: a pickled checkpoint ({path.suffix}) can run code when loaded; only .safetensors "
+                          f"files are read. {CONVERT}")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise RenderError(f"--model {model}: the folder has no model_index.json; give a diffusers SDXL folder (save_pretrained)")
-        return _checked(model, lambda: StableDiffusionXLPipeline.from_pretrained(path, dtype=torch.float32))
+        check_safetensors(path)
+        return _checked(model, lambda: StableDiffusionXLPipeline.from_pretrained(path, dtype=torch.float32, use_safetensors=True))
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise RenderError(f"--model {model} does not exist; give a .safetensors file, a diffusers folder, a hub id, or one of {', '.join(BUILTIN)}")
         return _load_single_file(path, model_config)
     if path.exists() or model.count("/") != 1:
         raise RenderError(f"--model {model} is not a diffusers folder, a .safetensors file, a hub id (org/name) or one of {', '.join(BUILTIN)}")
-    return _checked(model, lambda: StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float32))
+    return _checked(model, lambda: StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float32, use_safetensors=True))
+
+
+CONVERT = ("Convert it once, where you trust the file, with diffusers: StableDiffusionXLPipeline.from_pretrained(SOURCE)"
+           ".save_pretrained(FOLDER) writes safetensors; give FOLDER.")
+
+
+def check_safetensors(folder: Path) -> None:
+    """Refuse a diffusers folder any of whose weighted components has only pickled weights."""
+    for name in COMPONENTS:
+        files = [p for p in (folder / name).glob("*") if p.is_file()]
+        if any(p.suffix in PICKLED for p in files) and not any(p.suffix == ".safetensors" for p in files):
+            pickled = next(p.name for p in files if p.suffix in PICKLED)
+            raise RenderError(f"--model {folder}: its {name} has only pickled weights ({pickled}), which can run code when "
+                              f"loaded; only .safetensors are read. {CONVERT}")
 
 
 def _checked(model: str, load):
@@ -84,7 +109,8 @@ def _checked(model: str, load):
         raise
     except Exception as error:  # diffusers raises many types; the user needs one line
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RenderError(f"--model {model} could not be loaded: {first_line}") from error
+        advice = f" {CONVERT}" if "safetensors" in first_line.lower() else ""
+        raise RenderError(f"--model {model} could not be loaded: {first_line}{advice}") from error
 
 
 def _load_single_file(path: Path, model_config: str | None) -> StableDiffusionXLPipeline:
@@ -133,7 +159,11 @@ def _load_packed(path: Path, metadata: dict[str, str]) -> StableDiffusionXLPipel
         prefix = f"{name}."
         module.load_state_dict({key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}, strict=True)
     tokenizers = [_tokenizer_from_json(metadata[key]) for key in ("tokenizer", "tokenizer_2")]
-    scheduler_class = getattr(diffusers, metadata["scheduler_class"])
+    name = metadata.get("scheduler_class")
+    if name not in PACKED_SCHEDULERS:
+        raise RenderError(f"--model {path}: its scheduler_class {name!r} is not one this format takes; "
+                          f"use one of {', '.join(PACKED_SCHEDULERS)} (re-pack it with save_single_file)")
+    scheduler_class = getattr(diffusers, name)
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler_class.from_config(json.loads(metadata["scheduler"])),
