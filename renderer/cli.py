@@ -1,4 +1,5 @@
-"""`freescale-render`: render a poster, or `freescale-render inspect FILE` to check an output."""
+"""`freescale-render`: render a poster, `freescale-render batch FILE` many, or `freescale-render inspect FILE` to
+check an output."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="freescale-render",
         description="Render a poster-scale image with FreeScale (tuning-free SDXL upscaling cascade).",
-        epilog="Run `freescale-render inspect FILE` to check a written output.",
+        epilog="Run `freescale-render batch FILE [OPTIONS]` to render many posters in one process (FILE: JSON Lines, one "
+               "poster per line with these options as fields; OPTIONS: every poster's defaults), and "
+               "`freescale-render inspect FILE` to check a written output.",
     )
     add = parser.add_argument
     add("--prompt", required=True, help="what to draw")
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     stop = StopSignals()  # SIGTERM (`ray job stop`) and SIGINT (Ctrl-C) end the render cleanly, see renderer.stopping
     request = None
+    posters: list[RenderRequest] = []  # a batch's posters as they start: where a stop found it
     started = time.time()
     try:
         if argv[:1] == ["inspect"]:
@@ -150,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             return inspect_main(argv[1:])
         with stop:  # also while reporting a stop: a second signal must not interrupt that
             try:
+                if argv[:1] == ["batch"]:
+                    from renderer.batch import batch_command
+
+                    return batch_command(argv[1:], posters)
                 args = build_parser().parse_args(argv)
                 request = request_from_args(args)
                 if args.dry_run:
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:  # ours (RenderStopped), or Ray's re-raise of it from inside ray.get/ray.wait
                 if stop.received is None:
                     raise
-                print(stopped_message(stop, request, started), file=sys.stderr, flush=True)
+                print(stopped_message(stop, posters[-1] if posters else request, started), file=sys.stderr, flush=True)
                 if as_program:
                     stop.exit_now()  # cleaned up already; skip the interpreter's slow teardown (Ray's stop grace is 3 s)
                 return stop.exit_code

@@ -7,11 +7,12 @@ streams the final rows into the TIFF. With a gang it loads no model at all.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from functools import partial
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -19,12 +20,13 @@ import torch
 
 from renderer.checkpoints import CheckpointStore, CheckpointWriter
 from renderer.errors import RenderError
-from renderer.executor import Executor, start_executor
+from renderer.executor import Executor, Executors
 from renderer.identity import render_id
 from renderer.images import load_image, load_mask
 from renderer.jobs import submission_id
 from renderer.metrics import NULL_METRICS, RenderMetrics, metrics_for
 from renderer.models import model_geometry, peek_geometry
+from renderer.outputs import sidecar_path
 from renderer.preflight import preflight
 from renderer.progress import Progress
 from renderer.recovery import resume_job, run_recovering
@@ -46,7 +48,8 @@ class RenderResult:
 
 
 def render(request: RenderRequest, pipeline=None, progress: bool | Progress = True, write: bool = True,
-           keep_image: bool = True, metrics: bool | RenderMetrics = False) -> RenderResult:
+           keep_image: bool = True, metrics: bool | RenderMetrics = False, executors: Executors | None = None,
+           skip_done: bool = False) -> RenderResult:
     """Render `request`. `pipeline` reuses an already loaded model for an in-process render (its device and dtype
     win); a gang's workers (--workers N) load the model themselves.
 
@@ -56,9 +59,13 @@ def render(request: RenderRequest, pipeline=None, progress: bool | Progress = Tr
     `metrics` (see `renderer.metrics`): False records nothing; True records what the CLI records, through Ray
     with --workers (driver and workers), else served on --metrics-port if given, and closes them at the end
     (after --metrics-linger, unless stopped); a `RenderMetrics` records there (the caller serves and closes it).
-    The render counts as succeeded, failed (an exception) or stopped (a KeyboardInterrupt such as RenderStopped)."""
+    The render counts as succeeded, failed (an exception) or stopped (a KeyboardInterrupt such as RenderStopped).
+
+    `executors`: where the ranks come from (a batch passes its pool, which keeps them between posters); by
+    default they are started for this render and freed at its end. `skip_done`: return at once, with
+    `metadata["skipped"]`, when the output is already complete for this same request (a re-run batch)."""
     with opened_metrics(request, metrics) as recorder, recorder.rendering():
-        return render_recorded(request, pipeline, progress, write, keep_image, recorder)
+        return render_recorded(request, pipeline, progress, write, keep_image, recorder, executors, skip_done)
 
 
 @contextmanager
@@ -89,7 +96,7 @@ def opened_metrics(request: RenderRequest, metrics: bool | RenderMetrics) -> Ite
 
 
 def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress, write: bool, keep_image: bool,
-                    metrics: RenderMetrics) -> RenderResult:
+                    metrics: RenderMetrics, executors: Executors | None, skip_done: bool) -> RenderResult:
     # Plan: everything knowable from the request and the model's configs, refused before any rank starts.
     if not request.workers:
         check_device(request.device)
@@ -98,79 +105,101 @@ def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress,
     geometry = model_geometry(pipeline) if pipeline is not None else peek_geometry(request.model)
     plan = plan_stages(request, geometry) if geometry is not None else None
     started = time.perf_counter()
-    with ExitStack() as stack:
-        # Executor: the ranks, each with the model; then what only a loaded model tells (a single file's shape).
-        start = partial(start_executor, metrics=metrics, pipeline=pipeline)
-        executor = stack.enter_context(start(request))
-        model = executor.model()
-        if plan is None:
-            geometry = model.geometry
-            plan = plan_stages(request, geometry)
-        stages, base = plan.stages, plan.stages[0]
-        initial = load_image(request.image, base) if request.image else None
-        config = replace(request.freescale, seed=request.seed)
-        bar = metrics.following(progress if isinstance(progress, Progress) else Progress(progress),
-                                denoising_plan(stages, request.steps, config.restart_fraction, base=initial is None))
-        identity = render_id(request, stages, model.dtype, model.device)
-        store = CheckpointStore(request.checkpoint_folder(), identity, request.steps) if write else None
-        if store is not None and not request.resume:
-            store.clear()
-        resumed = store.newest() if store is not None else None
-        modes = decode_modes(request, model, plan, executor)
-        job = StageJob(
-            cond=None, prompt=Prompt(request.prompt, request.negative_prompt, request.guidance), latents=torch.empty(0),
-            stages=stages, first=0, last=len(stages), steps=request.steps, config=config, transition_modes=modes[:-1],
-            final_mode=modes[-1], mask=load_mask(request.mask, base) if request.mask else None, initial=initial,
-            save_stages=request.save_stages, checkpoint_steps=request.checkpoint_every_steps,
-            checkpoint_seconds=request.checkpoint_every_minutes * 60, cfg_split=request.cfg_split,
-            first_sharded=plan.first_sharded,
-        )
-        history: dict = {"render_id": identity, "resumed_from": None, "restarts": []}
-        if resumed is not None:
-            job = resume_job(job, resumed)
-            if request.save_stages:  # the images of stages whose transition will not run, from their stage ends
-                skipped = range(job.first if job.resume_step is not None else job.first - 1)
-                job.stage_ends = {stage: checkpoint.latents for stage in skipped if (checkpoint := store.stage_end(stage)) is not None}
-            history["resumed_from"] = {"stage": resumed.stage, "step": resumed.step}
-            log.info("resuming render %s from its checkpoint after step %d of stage %d (%s)", identity, resumed.step,
-                     resumed.stage, format_size(stages[resumed.stage]))
-        writer = None if store is None else CheckpointWriter(store, [h // geometry.vae_scale for _, h in stages], metrics.checkpoint_written)
+    # Executor: the ranks, each with the model (a batch's pool keeps them for the next poster).
+    executors = executors if executors is not None else Executors(metrics, pipeline)
+    executor = executors.acquire(request)
+    failed = True
+    try:
+        result = render_on(request, executor, executors, plan, progress, write, keep_image, metrics, skip_done, started)
+        failed = False
+    finally:
+        executors.done(failed)
+    return result
 
-        # Stages: every one on the executor's ranks, rebuilt from the newest checkpoint if a rank is lost.
-        executor, outcome = run_recovering(request, executor, job, start, stack, store, writer, bar, history["restarts"], geometry)
-        bar.close()
-        result = RenderResult(
-            image=None, latents=outcome.latents, stages=stages,
-            stage_images=[outcome.stage_images[k] for k in sorted(outcome.stage_images)],
-            metadata={
-                "request": request.to_dict(), "stages": [format_size(s) for s in stages], "freescale": config.to_dict(),
-                "device": model.device, "dtype": model.dtype, "vae_dtype": model.vae_dtype, "vae_mode": modes[-1],
-                "transition_vae_modes": modes[:-1], "versions": library_versions(), **history,
-                "ray_job_submission_id": submission_id(),
-                "seconds": {"stages": [outcome.stage_seconds.get(index) for index in range(len(stages))],
-                            **({"waiting": executor.waited_s} if request.workers else {})},
-                **({"workers": gang_summary(executor, plan, outcome, request.cfg_split)} if request.workers else {}),
-            },
-        )
 
-        # Outputs: the final rows streamed from the ranks into the files.
-        kept: list[np.ndarray] = []
-        rows = executor.pixel_rows()
-        if keep_image or not write:
-            rows = tee_into(rows, kept)
-        if write:
-            here = torch.device(model.device if not request.workers else "cpu")  # the peak of this process's memory
-            metrics.output_written(sum(path.stat().st_size for path in write_outputs(request, result, rows, started, here)))
-        else:
-            for _ in rows:
-                pass
-            result.metadata["seconds"]["total"] = time.perf_counter() - started
-        executor.written()
+def render_on(request: RenderRequest, executor: Executor, executors: Executors, plan: StagePlan | None,
+              progress: bool | Progress, write: bool, keep_image: bool, metrics: RenderMetrics, skip_done: bool,
+              started: float) -> RenderResult:
+    model = executor.model()
+    plan = plan or plan_stages(request, model.geometry)  # a single file's shape is known once loaded
+    stages, base = plan.stages, plan.stages[0]
+    identity = render_id(request, stages, model.dtype, model.device)
+    if skip_done and write and (done := complete_output(request, identity)) is not None:
+        log.info("%s is complete (render %s): skipped", request.out, identity)
+        return RenderResult(image=None, latents=torch.empty(0), stages=stages, metadata={**done, "skipped": True})
+    initial = load_image(request.image, base) if request.image else None
+    config = replace(request.freescale, seed=request.seed)
+    bar = metrics.following(progress if isinstance(progress, Progress) else Progress(progress),
+                            denoising_plan(stages, request.steps, config.restart_fraction, base=initial is None))
+    store = CheckpointStore(request.checkpoint_folder(), identity, request.steps) if write else None
+    if store is not None and not request.resume:
+        store.clear()
+    resumed = store.newest() if store is not None else None
+    modes = decode_modes(request, model, plan, executor)
+    job = StageJob(
+        cond=None, prompt=Prompt(request.prompt, request.negative_prompt, request.guidance), latents=torch.empty(0),
+        stages=stages, first=0, last=len(stages), steps=request.steps, config=config, transition_modes=modes[:-1],
+        final_mode=modes[-1], mask=load_mask(request.mask, base) if request.mask else None, initial=initial,
+        save_stages=request.save_stages, checkpoint_steps=request.checkpoint_every_steps,
+        checkpoint_seconds=request.checkpoint_every_minutes * 60, cfg_split=request.cfg_split,
+        first_sharded=plan.first_sharded,
+    )
+    history: dict = {"render_id": identity, "resumed_from": None, "restarts": []}
+    if resumed is not None:
+        job = resume_job(job, resumed)
+        if request.save_stages:  # the images of stages whose transition will not run, from their stage ends
+            skipped = range(job.first if job.resume_step is not None else job.first - 1)
+            job.stage_ends = {stage: checkpoint.latents for stage in skipped if (checkpoint := store.stage_end(stage)) is not None}
+        history["resumed_from"] = {"stage": resumed.stage, "step": resumed.step}
+        log.info("resuming render %s from its checkpoint after step %d of stage %d (%s)", identity, resumed.step,
+                 resumed.stage, format_size(stages[resumed.stage]))
+    writer = None if store is None else CheckpointWriter(store, [h // model.geometry.vae_scale for _, h in stages], metrics.checkpoint_written)
+
+    # Stages: every one on the executor's ranks, rebuilt from the newest checkpoint if a rank is lost.
+    executor, outcome = run_recovering(request, executors, job, store, writer, bar, history["restarts"], model.geometry)
+    bar.close()
+    result = RenderResult(
+        image=None, latents=outcome.latents, stages=stages,
+        stage_images=[outcome.stage_images[k] for k in sorted(outcome.stage_images)],
+        metadata={
+            "request": request.to_dict(), "stages": [format_size(s) for s in stages], "freescale": config.to_dict(),
+            "device": model.device, "dtype": model.dtype, "vae_dtype": model.vae_dtype, "vae_mode": modes[-1],
+            "transition_vae_modes": modes[:-1], "versions": library_versions(), **history,
+            "ray_job_submission_id": submission_id(),
+            "seconds": {"stages": [outcome.stage_seconds.get(index) for index in range(len(stages))],
+                        **({"waiting": executor.waited_s} if request.workers else {})},
+            **({"workers": gang_summary(executor, plan, outcome, request.cfg_split)} if request.workers else {}),
+        },
+    )
+
+    # Outputs: the final rows streamed from the ranks into the files.
+    kept: list[np.ndarray] = []
+    rows = executor.pixel_rows()
+    if keep_image or not write:
+        rows = tee_into(rows, kept)
+    if write:
+        here = torch.device(model.device if not request.workers else "cpu")  # the peak of this process's memory
+        metrics.output_written(sum(path.stat().st_size for path in write_outputs(request, result, rows, started, here)))
+    else:
+        for _ in rows:
+            pass
+        result.metadata["seconds"]["total"] = time.perf_counter() - started
+    executor.written()
     if store is not None and not request.keep_checkpoints:
         store.clear()
     if kept:
         result.image = np.concatenate(kept, axis=0)
     return result
+
+
+def complete_output(request: RenderRequest, identity: str) -> dict | None:
+    """The sidecar of an output that is complete and belongs to this very request (its render id), else None."""
+    out, sidecar = Path(request.out), sidecar_path(request.out)
+    try:
+        written = json.loads(sidecar.read_text()) if out.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return written if isinstance(written, dict) and written.get("render_id") == identity else None
 
 
 def gang_summary(executor: Executor, plan: StagePlan, outcome, cfg_split: bool) -> dict:

@@ -7,6 +7,7 @@ each with the model, the driver holding none. `Executor.get_class` is the only p
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,6 +20,8 @@ from renderer.progress import Progress
 from renderer.request import RenderRequest
 from renderer.stage_loop import CheckpointSink, StageJob
 from renderer.worker import ModelInfo, RankResult, Worker
+
+log = logging.getLogger("freescale_poster")
 
 
 @dataclass
@@ -129,6 +132,55 @@ class InProcessExecutor(Executor):
 
     def written(self) -> None:
         self.metrics.peak_memory(0, *self.worker.peak())
+
+
+class Executors:
+    """Where renders get their executor, one render at a time. By default each render starts its own and frees
+    it at its end; a batch's pool (`keep`) keeps it for the next poster while that asks for the same model,
+    precision, device and gang, and starts another (freeing the first, and saying so) when it does not."""
+
+    def __init__(self, metrics: RenderMetrics = NULL_METRICS, pipeline=None, keep: bool = False):
+        self.metrics, self.pipeline, self.keep = metrics, pipeline, keep
+        self.current: Executor | None = None
+        self.key: tuple | None = None
+
+    def __enter__(self) -> "Executors":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def acquire(self, request: RenderRequest) -> Executor:
+        key = executor_key(request)
+        if self.current is not None and key == self.key:
+            return self.current
+        if self.current is not None:
+            log.info("%s needs %s; freeing %s", request.out, describe(key), describe(self.key))
+            self.discard()
+        self.current, self.key = start_executor(request, self.metrics, self.pipeline), key
+        return self.current
+
+    def done(self, failed: bool) -> None:
+        """The render is over: free its executor, unless this pool keeps it (a failed render's is never kept)."""
+        if failed or not self.keep:
+            self.discard()
+
+    def discard(self) -> None:
+        if self.current is not None:
+            self.current.close()
+        self.current = self.key = None
+
+
+def executor_key(request: RenderRequest) -> tuple:
+    """What an executor was started for: two requests with the same key can share it."""
+    where = ("gang", request.workers, request.address, request.gpus_per_worker, request.collective_timeout_s) if request.workers \
+        else ("in-process", request.device)
+    return (request.model, request.model_config, request.dtype, *where)
+
+
+def describe(key: tuple) -> str:
+    model, _, dtype, kind, *rest = key
+    return f"--model {model}{f' --dtype {dtype}' if dtype else ''} " + (f"on {rest[0]} workers" if kind == "gang" else f"in this process on {rest[0]}")
 
 
 def start_executor(request: RenderRequest, metrics: RenderMetrics = NULL_METRICS, pipeline=None) -> Executor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from renderer.metric_specs import FAILURE_REASONS, OUTCOMES, RAY_GAUGE_REFRESH_S, SPEC, SPECS, MetricSpec, _RENDERS, _WORKER_FAILURES
+from renderer.metric_specs import BATCH_OUTCOMES, FAILURE_REASONS, OUTCOMES, RAY_GAUGE_REFRESH_S, SPEC, SPECS, MetricSpec, _BATCH_POSTERS, _RENDERS, _WORKER_FAILURES
 
 
 class _WithoutCreated:
@@ -41,6 +41,8 @@ class PrometheusBackend:
             self._metrics[_RENDERS.name].labels(outcome)
         for reason in FAILURE_REASONS:
             self._metrics[_WORKER_FAILURES.name].labels(reason)
+        for outcome in BATCH_OUTCOMES:
+            self._metrics[_BATCH_POSTERS.name].labels(outcome)
         self.registry = pc.CollectorRegistry(auto_describe=True)
         self.registry.register(_WithoutCreated(inner))
         self.server = None

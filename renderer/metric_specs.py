@@ -10,6 +10,7 @@ PREFIX = "freescale_"
 RAY_PREFIX = "ray_"  # what Ray's metrics agent puts before every application metric
 
 OUTCOMES = ("succeeded", "failed", "stopped")
+BATCH_OUTCOMES = ("succeeded", "skipped", "failed", "stopped")
 EXCHANGE_KINDS = ("conv", "window", "blur", "vae", "resize", "ring", "sum", "guidance", "handoff")
 FAILURE_REASONS = ("lost", "timeout", "error")
 
@@ -62,6 +63,9 @@ SPECS: tuple[MetricSpec, ...] = (
                "Renders whose gang of workers waits for the cluster to free its resources."),
     MetricSpec("freescale_gang_wait_seconds", "histogram",
                "Seconds a render's gang of workers waited for the cluster before it was placed.", (), WAIT_BUCKETS),
+    MetricSpec("freescale_batch_posters_total", "counter",
+               "Posters of a batch finished, by outcome (succeeded, skipped: already complete, failed, stopped).", ("outcome",)),
+    MetricSpec("freescale_batch_posters_left", "gauge", "Posters of the running batch not yet finished."),
     MetricSpec("freescale_output_bytes_total", "counter", "Bytes written to output files."),
     MetricSpec("freescale_checkpoints_written_total", "counter", "Checkpoints written."),
 )
@@ -85,6 +89,8 @@ _LIMIT = _spec("device_memory_limit_bytes")
 _WORKER_FAILURES = _spec("worker_failures_total")
 _PLACEMENT_FAILURES = _spec("gang_placement_failures_total")
 _WAITING = _spec("renders_waiting")
+_BATCH_POSTERS = _spec("batch_posters_total")
+_BATCH_LEFT = _spec("batch_posters_left")
 _WAIT_SECONDS = _spec("gang_wait_seconds")
 _OUTPUT_BYTES = _spec("output_bytes_total")
 _CHECKPOINTS = _spec("checkpoints_written_total")

@@ -46,8 +46,8 @@ from contextlib import contextmanager
 from typing import Iterator, Mapping
 
 from renderer.metric_specs import (  # noqa: F401 (the specs are part of this module's API)
-    DURATION_BUCKETS, WAIT_BUCKETS, EXCHANGE_KINDS, FAILURE_REASONS, OUTCOMES, PREFIX, RAY_GAUGE_REFRESH_S, RAY_PREFIX, SPEC, SPECS,
-    MetricSpec, _CHECKPOINTS, _ETA, _EXCHANGED, _IN_PROGRESS, _LIMIT, _OUTPUT_BYTES, _PEAK, _PLACEMENT_FAILURES, _PROGRESS,
+    BATCH_OUTCOMES, DURATION_BUCKETS, WAIT_BUCKETS, EXCHANGE_KINDS, FAILURE_REASONS, OUTCOMES, PREFIX, RAY_GAUGE_REFRESH_S, RAY_PREFIX, SPEC, SPECS,
+    MetricSpec, _BATCH_LEFT, _BATCH_POSTERS, _CHECKPOINTS, _ETA, _EXCHANGED, _IN_PROGRESS, _LIMIT, _OUTPUT_BYTES, _PEAK, _PLACEMENT_FAILURES, _PROGRESS,
     _RENDERS, _STAGE_SECONDS, _STEP_SECONDS, _STEPS, _WAIT_SECONDS, _WAITING, _WORKER_FAILURES, _amount, _index, _one_of,
 )
 from renderer.metric_backends import PrometheusBackend, RayBackend
@@ -193,6 +193,15 @@ class RenderMetrics:
     def waiting(self, delta: int) -> None:
         """A render's gang starts (1) or stops (-1) waiting for the cluster."""
         self.backend.add(_WAITING, (), delta)
+
+    def batch_left(self, posters: int) -> None:
+        """A batch of `posters` starts."""
+        self.backend.set(_BATCH_LEFT, (), float(_index("posters", posters)))
+
+    def batch_poster(self, outcome: str) -> None:
+        """One poster of the batch is finished (or skipped, failed, stopped)."""
+        self.backend.inc(_BATCH_POSTERS, (_one_of("outcome", outcome, BATCH_OUTCOMES),), 1)
+        self.backend.add(_BATCH_LEFT, (), -1)
 
     def gang_waited(self, seconds: float) -> None:
         self.backend.observe(_WAIT_SECONDS, (), _amount("seconds", seconds))

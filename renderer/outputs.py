@@ -40,6 +40,11 @@ def write_json(path: Path, data: dict) -> None:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def write_json_lines(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows), encoding="utf-8")
+
+
 def sidecar_path(out: Path) -> Path:
     return Path(out).with_suffix(".json")
 

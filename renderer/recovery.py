@@ -4,13 +4,10 @@ count) and resume from the newest checkpoint, at most --max-restarts times."""
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
 from dataclasses import replace
-from typing import Callable
-
 from renderer.checkpoints import Checkpoint, CheckpointStore, CheckpointWriter
 from renderer.errors import RenderError, WorkerLost
-from renderer.executor import Executor, Outcome
+from renderer.executor import Executor, Executors, Outcome
 from renderer.progress import Progress
 from renderer.render_plan import check_shardable
 from renderer.request import ModelGeometry, RenderRequest
@@ -19,29 +16,31 @@ from renderer.stage_loop import StageJob
 log = logging.getLogger("freescale_poster")
 
 
-def run_recovering(request: RenderRequest, executor: Executor, job: StageJob, start: Callable[[RenderRequest], Executor],
-                   stack: ExitStack, store: CheckpointStore | None, writer: CheckpointWriter | None, progress: Progress,
-                   restarts: list[dict], geometry: ModelGeometry) -> tuple[Executor, Outcome]:
-    """Run the job; when a rank is lost, close the executor, `start` a new one and go on. Returns the executor
-    that holds the final pixels, and its outcome."""
+def run_recovering(request: RenderRequest, executors: Executors, job: StageJob, store: CheckpointStore | None,
+                   writer: CheckpointWriter | None, progress: Progress, restarts: list[dict],
+                   geometry: ModelGeometry) -> tuple[Executor, Outcome]:
+    """Run the job on the pool's current executor; when a rank is lost, replace it with a new one and go on.
+    Returns the executor that holds the final pixels, and its outcome."""
+    executor = executors.current
     while True:
         try:
             return executor, executor.run(job, progress, writer)
         except WorkerLost as error:
-            executor.close()
             if len(restarts) >= request.max_restarts:
                 raise RenderError(f"{error}; gave up after {len(restarts)} restarts (--max-restarts {request.max_restarts})") from error
             checkpoint = store.newest() if store is not None else None
             if checkpoint is not None and start_position(resume_job(job, checkpoint)) >= start_position(job):
                 job = resume_job(job, checkpoint)
-            workers = workers_for_restart(request, geometry, job, executor.ranks)
-            restarts.append({"error": str(error), "workers_before": executor.ranks, "workers_after": workers,
+            before = executor.ranks
+            executors.discard()
+            workers = workers_for_restart(request, geometry, job, before)
+            restarts.append({"error": str(error), "workers_before": before, "workers_after": workers,
                              "resumed_from": {"stage": job.first, "step": job.resume_step}})
             log.warning("%s; restarting with %d workers from stage %d%s (restart %d of at most %d)", error, workers, job.first,
                         f" step {job.resume_step}" if job.resume_step is not None else "", len(restarts), request.max_restarts)
             if writer is not None:
                 writer.discard_partial()
-            executor = stack.enter_context(start(replace(request, workers=workers)))
+            executor = executors.acquire(replace(request, workers=workers))
 
 
 def start_position(job: StageJob) -> tuple[int, int]:

@@ -49,6 +49,9 @@ def exercise_all(metrics: RenderMetrics) -> None:
     metrics.placement_failed()
     metrics.waiting(1)
     metrics.gang_waited(42.0)
+    metrics.batch_left(len(m.BATCH_OUTCOMES))
+    for outcome in m.BATCH_OUTCOMES:
+        metrics.batch_poster(outcome)
     metrics.waiting(-1)
     metrics.output_written(123456)
     metrics.checkpoint_written()

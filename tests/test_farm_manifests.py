@@ -1,9 +1,11 @@
-"""The Kueue overlay, token authentication and the NetworkPolicy of deploy/ (rendered with `kubectl kustomize`,
-validated strictly against the Kueue v0.19.2 and KubeRay v1.7.0 CRDs and with kubernetes-validate)."""
+"""The farm's manifests beyond one poster: the Kueue overlay, the batch RayJob, token authentication and the
+NetworkPolicy (rendered with `kubectl kustomize`, validated strictly against the Kueue v0.19.2 and KubeRay v1.7.0
+CRDs and with kubernetes-validate)."""
 
 from __future__ import annotations
 
 import functools
+import shlex
 from pathlib import Path
 
 import jsonschema
@@ -15,7 +17,7 @@ from test_deploy import GPU, cluster_specs, core_errors, crd_errors, forbid_unkn
 KUEUE_CRDS = Path(__file__).resolve().parents[2] / "shared" / "kueue-crds-v0.19.2"
 KUEUE_KINDS = {"ClusterQueue": "clusterqueues", "LocalQueue": "localqueues", "ResourceFlavor": "resourceflavors",
                "WorkloadPriorityClass": "workloadpriorityclasses"}
-ALL_OVERLAYS = ("raycluster", "rayjob", "kueue")
+ALL_OVERLAYS = ("raycluster", "rayjob", "kueue", "rayjob-batch")
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,3 +166,29 @@ def test_the_network_policy_check_sees_an_open_port():
     (policy,) = by_kind(objects("raycluster"), "NetworkPolicy")
     policy["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": 8265}]})
     assert {} not in allowed(policy, 8265) and not all(rule.get("from") for rule in policy["spec"]["ingress"])
+
+
+def test_the_batch_rayjob_renders_its_configmap_batch_file_on_the_head(tmp_path):
+    docs = objects("rayjob-batch")
+    for doc in docs:
+        errors = crd_errors(doc, strict=True) if doc["apiVersion"].startswith("ray.io/") else core_errors(doc)
+        assert not errors, f"{doc['kind']}: {errors}"
+    (job,) = by_kind(docs, "RayJob")
+    (config,) = by_kind(docs, "ConfigMap")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:4] == ["exec", "freescale-render", "batch", "/inputs/night.jsonl"]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    (mount,) = [m for m in head["containers"][0]["volumeMounts"] if m["mountPath"] == "/inputs"]
+    (volume,) = [v for v in head["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == config["metadata"]["name"] and mount["readOnly"] is True
+    # Every line is a poster the renderer accepts, checked as `freescale-render batch` checks it (the model and
+    # output folders stand in here: sdxl-random has SDXL's shapes, tmp_path is the outputs volume).
+    from renderer.batch import read_batch
+
+    text = config["data"]["night.jsonl"].replace("/outputs/", f"{tmp_path}/")
+    (tmp_path / "night.jsonl").write_text(text)
+    options = argv[4:]
+    options[options.index("--model") + 1] = "sdxl-random"
+    posters = read_batch(tmp_path / "night.jsonl", options)
+    assert len(posters) == 4 and all(p.request.workers == 8 and p.request.gpus_per_worker == 1 for p in posters)
+    assert {p.request.size for p in posters} >= {(8192, 8192), (8192, 4096), (4096, 8192)}
