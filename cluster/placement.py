@@ -66,10 +66,10 @@ def check_listening(address: str, where: str, timeout_s: float = 5.0) -> None:
 
 
 def token_advice() -> str:
-    """What to set when a Ray cluster refuses a process: Ray 2.60 heads start with token authentication on."""
+    """What to set when a Ray cluster refuses a process: most often a head started with token authentication."""
     if os.environ.get("RAY_AUTH_MODE") != "token":
-        return ("Ray clusters require a token by default: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the "
-                "cluster's token (or put it in ~/.ray/auth_token), as the README's Ray Jobs section shows")
+        return ("if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the "
+                "cluster's token (or put it in ~/.ray/auth_token), as the README's Who may submit section shows")
     if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return "RAY_AUTH_MODE=token is set but RAY_AUTH_TOKEN is not: set it to the cluster's token"
     return "check that RAY_AUTH_TOKEN is this cluster's token, and that the address is its GCS (HOST:6379)"

@@ -75,9 +75,10 @@ def wait_for_gang(group, bundles: list[dict], timeout_s: float | None, metrics: 
         while not ray.wait([ready], timeout=POLL_S)[0]:
             waited = time.monotonic() - started
             totals, free = ray.cluster_resources(), ray.available_resources()
-            missing = short_of(demand, totals)
-            growing = totals != totals_before or nodes_on_the_way() is not False
-            never_since = None if not missing or growing else never_since or time.monotonic()
+            # Never fits: more than the whole cluster has, the cluster not growing, and no autoscaler adding nodes
+            # (asked only then: it reads Ray's autoscaler status).
+            never = bool(short_of(demand, totals)) and totals == totals_before and nodes_on_the_way() is False
+            never_since = (never_since or time.monotonic()) if never else None
             totals_before = totals
             if not waiting and never_since is None:  # a gang that can never fit is refused without this note first
                 waiting = True

@@ -51,7 +51,7 @@ class Outcome:
 
 
 class Executor(ABC):
-    """A render's ranks, started on entry and freed on exit."""
+    """A render's ranks, started when made and freed by `close` (an `Executors` pool decides when)."""
 
     ranks: int = 1
     device: str = "cpu"  # where the ranks run: "cpu" or "cuda"
@@ -73,12 +73,6 @@ class Executor(ABC):
     def ranks_that_fit(cls, request: RenderRequest, wanted: int) -> int:
         """How many of `wanted` ranks could be started now (to restart after a lost rank)."""
         return wanted
-
-    def __enter__(self) -> "Executor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Free the ranks (once; later calls do nothing)."""

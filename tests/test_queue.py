@@ -21,6 +21,7 @@ import tifffile
 
 from polling import wait_until
 from ray_head import RAY, VENV_BIN, running_head
+from test_jobs import job_logs, job_status, ray_job_id  # the Jobs REST API, read as test_jobs reads it
 from renderer import render
 from renderer.cli import build_parser, request_from_args
 
@@ -39,14 +40,6 @@ def submit(head, sid: str, *render_args: str) -> None:
              "exec", "freescale-render", *render_args)
 
 
-def status(head, sid: str) -> dict:
-    return head.api(f"/api/jobs/{sid}")
-
-
-def logs(head, sid: str) -> str:
-    return head.api(f"/api/jobs/{sid}/logs")["logs"]
-
-
 @pytest.mark.timeout(900)
 def test_posters_submitted_together_render_one_after_another(small_head, tiny_pipeline, tmp_path):
     """Poster a (longer: 80 steps) takes the cluster; b, c and d are submitted while it renders, and d is stopped
@@ -59,27 +52,27 @@ def test_posters_submitted_together_render_one_after_another(small_head, tiny_pi
         seed, steps, out = posters[sid]
         submit(head, sid, "--prompt", "a red kite", "--seed", str(seed), *FREESCALE_ARGS, "--steps", str(steps), "--out", str(out))
         if sid == first:  # the others are submitted once it holds the cluster
-            wait_until(lambda: job_id_of(head, first) and head.state("placement_groups", f"creator_job_id={job_id_of(head, first)}",
+            wait_until(lambda: ray_job_id(head, first) and head.state("placement_groups", f"creator_job_id={ray_job_id(head, first)}",
                                                                       "state=CREATED"), 120, "poster a's gang placed", interval=0.5)
 
     # A fourth poster, stopped while it waits: STOPPED within 30 s, its own placement group gone, nothing written.
     stopped_sid, stopped_out = f"queue-{run}-d", tmp_path / "d.tif"
     submit(head, stopped_sid, "--prompt", "a kite", *FREESCALE_ARGS, "--steps", "4", "--out", str(stopped_out))
-    wait_until(lambda: "waiting for the cluster" in logs(head, stopped_sid), 120, "the fourth poster waiting", interval=1)
-    assert status(head, first)["status"] == "RUNNING", "poster a must still hold the cluster"
-    job_id = status(head, stopped_sid)["job_id"]
+    wait_until(lambda: "waiting for the cluster" in job_logs(head, stopped_sid), 120, "the fourth poster waiting", interval=1)
+    assert job_status(head, first) == "RUNNING", "poster a must still hold the cluster"
+    job_id = ray_job_id(head, stopped_sid)
     started = time.monotonic()
     head.ray("job", "stop", "--address", head.dashboard_url, stopped_sid, timeout=60)
-    wait_until(lambda: status(head, stopped_sid)["status"] == "STOPPED", 30 - (time.monotonic() - started), "STOPPED")
+    wait_until(lambda: job_status(head, stopped_sid) == "STOPPED", 30 - (time.monotonic() - started), "STOPPED")
     assert time.monotonic() - started < 30
     wait_until(lambda: not head.state("placement_groups", f"creator_job_id={job_id}", "state!=REMOVED"), 20,
                "the stopped poster's placement group removed")
     assert not stopped_out.exists()
 
-    wait_until(lambda: all(status(head, sid)["status"] in ("SUCCEEDED", "FAILED", "STOPPED") for sid in posters), 600,
-               lambda: {sid: status(head, sid)["status"] for sid in posters}, interval=2)
-    assert {sid: status(head, sid)["status"] for sid in posters} == dict.fromkeys(posters, "SUCCEEDED"), \
-        {sid: logs(head, sid)[-2000:] for sid in posters}
+    wait_until(lambda: all(job_status(head, sid) in ("SUCCEEDED", "FAILED", "STOPPED") for sid in posters), 600,
+               lambda: {sid: job_status(head, sid) for sid in posters}, interval=2)
+    assert {sid: job_status(head, sid) for sid in posters} == dict.fromkeys(posters, "SUCCEEDED"), \
+        {sid: job_logs(head, sid)[-2000:] for sid in posters}
 
     held = []  # (placed, done) of each gang: when Ray placed it, and when its sidecar was written (the gang still held)
     for sid, (seed, steps, out) in posters.items():
@@ -97,11 +90,7 @@ def test_posters_submitted_together_render_one_after_another(small_head, tiny_pi
     # The README's promise: the first gang is placed at once, the others each wait for a gang to end.
     assert held[0][3] == first and held[0][2] < 5 and held[1][2] > 1 and held[2][2] > held[1][2], held
     for _, _, _, sid in held[1:]:
-        assert re.search(r"the cluster placed the gang after \d+ s of waiting", logs(head, sid)), logs(head, sid)
-
-
-def job_id_of(head, sid: str) -> str | None:
-    return status(head, sid).get("job_id")
+        assert re.search(r"the cluster placed the gang after \d+ s of waiting", job_logs(head, sid)), job_logs(head, sid)
 
 
 @pytest.mark.timeout(180)
