@@ -24,6 +24,11 @@ for run in 1 2; do
 done
 cmp /tmp/tiny1.png /tmp/tiny2.png && echo "tiny CUDA renders byte-identical"
 
+echo "== exact banded VAE, one worker's share of an 8-worker gang at 4096² and 8192², against the estimate (issue 27)"
+for size in 4096 8192; do
+  timeout 240 python3 bench/vae_memory.py --model sdxl-random --device cuda --size $size --ranks 1 --share 0.125
+done
+
 echo "== preflight memory estimate against sdxl-random's measured peak (issue 9)"
 timeout 300 python3 bench/preflight_memory.py --model sdxl-random --device cuda --sizes 2048,4096
 

@@ -1,64 +1,81 @@
-"""Peak memory of the final decode: `exact` banded decode against an untiled `vae.decode` of the same latent.
+"""The exact VAE's memory per rank: a stage transition's decode and encode of each rank's strip, measured against
+the preflight's VAE term (`renderer.preflight.vae_bytes`).
 
-    python bench/vae_memory.py --model toy --latent 256
+    python bench/vae_memory.py --size 4096 --ranks 2              # tiny, CPU: peak RSS growth per rank
+    python bench/vae_memory.py --model sdxl-random --device cuda --size 8192 --ranks 1 --share 0.125
 
-Each variant runs in its own process (peak RSS on CPU; peak CUDA memory with --device cuda).
+Each rank loads the model, then decodes its strip of a latent of the size and encodes its strip of the
+decoded image, as a stage transition does, and reports its peak above what it held before (peak RSS on the
+CPU; peak CUDA allocation on a GPU, where the layers between bands wait in host memory). `--share` runs one
+rank on that share of the rows (a GPU: one rank of a larger gang, without the others).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+GiB = 2**30
 
-def measure(args: argparse.Namespace) -> dict:
+
+def measure(rank: int, world: int, model: str, device: str, size: int, share: float) -> dict:
     import torch
 
+    from renderer.memory import peak_memory, process_memory
     from renderer.models import load_pipeline
-    from renderer.vae_bands import decode_rows
+    from renderer.parallel.strips import RowGroup, StripLayout, plan_strips
+    from renderer.strip_vae import banded
 
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    vae = load_pipeline(args.model, args.device, dtype).vae
-    z = torch.randn(1, 4, args.latent, args.latent, generator=torch.Generator().manual_seed(0)).to(args.device, vae.dtype)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if args.device.startswith("cuda"):
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    vae = load_pipeline(model, device, dtype).vae
+    latent_rows = size // 8
+    if world > 1:
+        rows = RowGroup(plan_strips(latent_rows, world, 8))
+    else:
+        rows = RowGroup(StripLayout((0, int(latent_rows * share))), local=True)
+    start, stop = rows.span
+    z = torch.randn(1, 4, stop - start, size // 8, generator=torch.Generator().manual_seed(rank)).to(device)
+    before = torch.cuda.memory_allocated() if device.startswith("cuda") else process_memory()
+    if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
+    engine = banded(vae, rows, size)
     with torch.inference_mode():
-        if args.variant == "untiled":
-            vae.decode(z).sample.cpu()
-        else:
-            for rows in decode_rows(vae, z, args.variant, band_rows=args.band_rows):
-                rows.cpu()
-    row = {"variant": args.variant, "pixels": f"{8 * args.latent}x{8 * args.latent}", "seconds": round(time.perf_counter() - started, 2),
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "rss_before_mb": round(baseline, 1)}
-    if args.device.startswith("cuda"):
-        row["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return row
+        image = torch.cat([band.float() for band in engine.decode(z)], dim=2)
+        moments = engine.encode(image)
+    assert moments.shape[2] == stop - start
+    return {"rank": rank, "rows": [start, stop], "band_rows": min(engine.band_rows, stop - start), "seconds": round(time.perf_counter() - started, 1),
+            "vae_peak_gib": round((peak_memory(torch.device(device)) - before) / GiB, 3)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="toy")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--latent", type=int, default=256, help="latent side (image side / 8)")
-    parser.add_argument("--band-rows", type=int, default=16)
-    parser.add_argument("--variant", choices=("untiled", "exact", "tiled"))
+    parser.add_argument("--size", type=int, default=4096, help="the stage's side in pixels")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--share", type=float, default=1.0, help="with --ranks 1: the share of the rows it holds")
     args = parser.parse_args()
-    if args.variant:
-        print(json.dumps(measure(args)))
-        return
-    for variant in ("untiled", "exact", "tiled"):
-        command = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--latent", str(args.latent),
-                   "--band-rows", str(args.band_rows), "--variant", variant]
-        print(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+    from cluster.spawn import run_ranks
+    from renderer.preflight import model_shape, vae_bytes
+
+    shape = model_shape(args.model)
+    itemsize = 2 if args.device.startswith("cuda") else 4
+    share = 1 / args.ranks if args.ranks > 1 else args.share
+    estimate, band, host = vae_bytes(shape.vae, (args.size, args.size), "exact", itemsize, share, args.device)
+    work = functools.partial(measure, model=args.model, device=args.device, size=args.size, share=args.share)
+    results = run_ranks(args.ranks, work, timeout_s=3600, threads=1) if args.ranks > 1 else [work(0, 1)]
+    print(f"{args.model}, {args.size}², {args.device}, {args.ranks} rank(s): estimate {estimate / GiB:.3f} GiB on the device"
+          f"{f', {host / GiB:.3f} GiB in host memory' if host else ''}, bands of {band} latent rows")
+    for result in results:
+        print(json.dumps(result), f"measured / estimate {result['vae_peak_gib'] * GiB / estimate:.2f}")
 
 
 if __name__ == "__main__":

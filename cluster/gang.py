@@ -41,16 +41,18 @@ class GangSpec:
     gpus_per_worker: float | None = None  # None: 1 if the cluster has a GPU per worker, else CPU workers
     queue_timeout_s: float | None = None  # None: wait for the cluster as long as it takes
     collective_timeout_s: float = 1800.0  # above the longest denoising step (16K: ~45 s) and rank 0's base stage
+    motion_adapter: str | None = None  # a clip's motion modules (`renderer.models.motion`)
 
 
 class GangWorker:
     """One worker process (a Ray actor): a `Worker` with its own threads and, on a shared GPU, its memory cap."""
 
-    def __init__(self, model: str, model_config: str | None, dtype: str | None, threads: int, device: str, gpu_share: float):
+    def __init__(self, model: str, model_config: str | None, dtype: str | None, threads: int, device: str, gpu_share: float,
+                 motion_adapter: str | None = None):
         torch.set_num_threads(threads)
         if device == "cuda" and gpu_share < 1:
             torch.cuda.set_per_process_memory_fraction(gpu_share)  # Ray's fractional GPUs do not cap memory
-        self.worker = Worker(model, device, dtype, model_config)
+        self.worker = Worker(model, device, dtype, model_config, motion_adapter=motion_adapter)
         self.pixels: np.ndarray | None = None
 
     def rendezvous_address(self) -> str:
@@ -85,7 +87,7 @@ class GangWorker:
         metrics = RenderMetrics.ray() if record_metrics else NULL_METRICS
         result = self.worker.run(job, progress, hand_over if checkpoints else None, metrics)
         exchanged = dict(received_bytes)
-        self.pixels = np.concatenate(list(self.worker.final_rows()), axis=0)
+        self.pixels = np.concatenate(list(self.worker.final_rows()), axis=-3)  # rows, of every frame of a clip
         metrics.exchanged_all(result.rank, received_since(exchanged))
         peak, limit = self.worker.peak()
         metrics.peak_memory(result.rank, peak, limit)
@@ -214,7 +216,8 @@ class Gang(Executor):
             actor.options(
                 num_cpus=bundle["CPU"], num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
-            ).remote(spec.model, spec.model_config, spec.dtype, max(1, int(bundle["CPU"])), "cuda" if gpus else "cpu", gpus)
+            ).remote(spec.model, spec.model_config, spec.dtype, max(1, int(bundle["CPU"])), "cuda" if gpus else "cpu", gpus,
+                     spec.motion_adapter)
             for rank in range(spec.workers)
         ]
         self.backend = "nccl" if gpus >= 1 else "gloo"

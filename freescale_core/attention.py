@@ -79,15 +79,21 @@ def window_index(plan: WindowPlan, views: torch.Tensor, window: tuple[int, int],
     return flat.flatten(1)
 
 
-def grid_then_zero_token(plan: WindowPlan) -> torch.Tensor:
-    """For every padded-grid position, its row in tokens laid out as the unpadded grid then one zero token.
+def grid_then_zero_token(plan: WindowPlan, rows: tuple[int, int] | None = None, held: tuple[int, int] | None = None) -> torch.Tensor:
+    """For every padded-grid position of `rows` (grid rows [start, stop), reaching into the padding; default:
+    the whole padded grid), its row in tokens laid out as the grid's `held` rows (default: all) then one zero
+    token.
 
-    The padding's keys and values are a zero token's, so windows can be gathered from the unpadded grid's
-    projections plus that one token, instead of projecting the padded grid."""
-    height, width = plan.rows.grid, plan.cols.grid
-    rows, cols = plan.rows.jitter, plan.cols.jitter
-    index = torch.full(plan.padded_shape, height * width)
-    index[rows : rows + height, cols : cols + width] = torch.arange(height * width).view(height, width)
+    The padding's keys and values are a zero token's, so windows can be gathered from the projections of the
+    rows held plus that one token, instead of projecting a padded grid. (A row strip holds the rows its windows
+    cover; positions outside `held` and the image map to the zero token.)"""
+    height, width, pad_w = plan.rows.grid, plan.cols.grid, plan.cols.jitter
+    first, stop = rows if rows is not None else (-plan.rows.jitter, height + plan.rows.jitter)
+    low, high = held if held is not None else (0, height)
+    index = torch.full((stop - first, width + 2 * pad_w), (high - low) * width)
+    start, end = max(first, low), min(stop, high)
+    if start < end:
+        index[start - first : end - first, pad_w : pad_w + width] = torch.arange((start - low) * width, (end - low) * width).view(end - start, width)
     return index.flatten()
 
 

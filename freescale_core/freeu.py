@@ -74,18 +74,20 @@ def freeu(unet: nn.Module, b1: float, b2: float, s1: float, s2: float, skip_filt
     rule = freeu_rule(unet, b1, b2, s1, s2)
 
     def make_hook(backbone: int):
-        def hook(module: nn.Module, args: tuple) -> tuple | None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
             if backbone not in rule:
                 return None
             backbone_scale, skip_scale = rule[backbone]
-            x = args[0]
+            x = args[0] if args else kwargs["input_tensor"]  # a motion UNet's up blocks pass it by name
             half = backbone // 2
             skip = skip_filter(x[:, backbone:], 1, skip_scale)
-            return (torch.cat([x[:, :half] * backbone_scale, x[:, half:backbone], skip], dim=1), *args[1:])
+            x = torch.cat([x[:, :half] * backbone_scale, x[:, half:backbone], skip], dim=1)
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "input_tensor": x})
 
         return hook
 
-    handles = [resnet.register_forward_pre_hook(make_hook(backbone)) for resnet, backbone in backbone_channels(unet).items()]
+    handles = [resnet.register_forward_pre_hook(make_hook(backbone), with_kwargs=True)
+               for resnet, backbone in backbone_channels(unet).items()]
     try:
         yield
     finally:

@@ -32,8 +32,12 @@ LOCAL = Backend()
 
 
 def self_attentions(unet: nn.Module) -> list[Attention]:
-    """Every transformer block's `attn1`, in module order (the order keys the window-jitter streams)."""
-    return [module for name, module in unet.named_modules() if name.endswith("attn1") and isinstance(module, Attention)]
+    """Every spatial transformer block's `attn1`, in module order (the order keys the window-jitter streams).
+
+    A motion UNet's (AnimateDiff's) temporal attention, in its `motion_modules`, attends along the frames at
+    each pixel and is left as the model has it."""
+    return [module for name, module in unet.named_modules()
+            if name.endswith("attn1") and isinstance(module, Attention) and "motion_modules" not in name]
 
 
 def train_px(unet: nn.Module, vae_scale: int = 8) -> int:

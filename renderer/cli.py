@@ -50,12 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--image", type=Path, help="start from this image (base stage size) instead of generating the base")
     add("--mask", type=Path, help="region mask: white regions use --cosine-scale, black ones --cosine-scale-bg")
     add("--cosine-scale-bg", type=float, default=defaults.cosine_scale_bg, help="detail scale outside the mask (default 1.0)")
-    add("--model", default="tiny", help="tiny, toy, sdxl-random, a diffusers folder, a .safetensors file or a hub id (default tiny)")
+    add("--model", default="tiny",
+        help="tiny, toy, sdxl-random, tiny-video (clips), a diffusers folder, a .safetensors file or a hub id (default tiny)")
     add("--model-config", help="diffusers config folder or hub id for an original-format single-file checkpoint")
     add("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     add("--dtype", choices=("float16", "bfloat16", "float32"), help="default: float16 on CUDA, float32 on CPU")
     add("--out", type=Path, default=Path("poster.tif"),
-        help="output: .tif (tiled pyramid, default poster.tif), .ome.tif (pyramid in SubIFDs) or .png; a .json sidecar goes beside it")
+        help="output: .tif (tiled pyramid, default poster.tif), .ome.tif (pyramid in SubIFDs), .png, or .mp4 for a clip; "
+             "a .json sidecar goes beside it")
     add("--compression", choices=COMPRESSIONS, default="deflate", help="TIFF tile compression (default deflate, lossless)")
     add("--dpi", type=float, default=300.0, help="print resolution stored in the TIFF (default 300)")
     add("--tile-size", type=int, default=512, help="TIFF tile side in pixels, a multiple of 16 (default 512)")
@@ -89,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--metrics-linger", type=float, default=15.0, metavar="SECONDS",
         help="with --metrics-port: keep serving this long after the render ends (not after a stop), so that Prometheus "
              "scrapes the last values; set it above your scrape interval (default 15)")
+    add("--frames", type=int, default=1, help="render a clip of N frames (a motion model: tiny-video or --motion-adapter); "
+        "--out then names an .mp4 (default 1: a still image)")
+    add("--fps", type=float, default=8.0, help="the clip's frames per second (default 8)")
+    add("--crf", type=int, default=18, help="the clip's H.264 quality, 0 (lossless) to 51 (default 18)")
+    add("--motion-adapter", help="AnimateDiff motion modules for --model: a diffusers MotionAdapter folder or hub id (with --frames)")
     add("--dry-run", action="store_true", help="print the plan, memory estimate, UNet calls and output size, then exit")
     add("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -119,6 +126,7 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
         checkpoint_every_steps=args.checkpoint_every_steps, checkpoint_every_minutes=args.checkpoint_every_minutes,
         max_restarts=args.max_restarts, collective_timeout_s=args.collective_timeout, queue_timeout_s=args.queue_timeout,
         metrics_port=args.metrics_port, metrics_addr=args.metrics_addr, metrics_linger_s=args.metrics_linger,
+        frames=args.frames, fps=args.fps, crf=args.crf, motion_adapter=args.motion_adapter,
     )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from renderer.checkpoints import CheckpointStore, CheckpointWriter
+from renderer.clip_files import write_clip
 from renderer.errors import RenderError
 from renderer.executor import Executor, Executors
 from renderer.identity import render_id
@@ -121,6 +122,9 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
               progress: bool | Progress, write: bool, keep_image: bool, metrics: RenderMetrics, skip_done: bool,
               started: float) -> RenderResult:
     model = executor.model()
+    if request.frames > model.max_frames > 0:  # a hub adapter's positions are known once loaded
+        raise RenderError(f"--frames {request.frames} exceeds the motion adapter's {model.max_frames} frame positions; "
+                          f"use at most {model.max_frames}")
     plan = plan or plan_stages(request, model.geometry)  # a single file's shape is known once loaded
     stages, base = plan.stages, plan.stages[0]
     identity = render_id(request, stages, model.dtype, model.device)
@@ -142,7 +146,7 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
         final_mode=modes[-1], mask=load_mask(request.mask, base) if request.mask else None, initial=initial,
         save_stages=request.save_stages, checkpoint_steps=request.checkpoint_every_steps,
         checkpoint_seconds=request.checkpoint_every_minutes * 60, cfg_split=request.cfg_split,
-        first_sharded=plan.first_sharded,
+        first_sharded=plan.first_sharded, frames=request.frames,
     )
     history: dict = {"render_id": identity, "resumed_from": None, "restarts": []}
     if resumed is not None:
@@ -179,7 +183,8 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
         rows = tee_into(rows, kept)
     if write:
         here = torch.device(model.device if not request.workers else "cpu")  # the peak of this process's memory
-        metrics.output_written(sum(path.stat().st_size for path in write_outputs(request, result, rows, started, here)))
+        files = (write_clip if request.frames > 1 else write_outputs)(request, result, rows, started, here)
+        metrics.output_written(sum(path.stat().st_size for path in files))
     else:
         for _ in rows:
             pass
@@ -188,7 +193,7 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
     if store is not None and not request.keep_checkpoints:
         store.clear()
     if kept:
-        result.image = np.concatenate(kept, axis=0)
+        result.image = np.concatenate(kept, axis=-3)  # rows: (H, W, 3), or a clip's (frames, H, W, 3)
     return result
 
 

@@ -106,7 +106,8 @@ class InProcessExecutor(Executor):
 
     def __init__(self, request: RenderRequest, metrics: RenderMetrics = NULL_METRICS, pipeline=None):
         self.metrics = metrics
-        self.worker = Worker(request.model, request.device, request.dtype, request.model_config, pipeline=pipeline)
+        self.worker = Worker(request.model, request.device, request.dtype, request.model_config, pipeline=pipeline,
+                             motion_adapter=request.motion_adapter)
         self.device = self.worker.device.type
 
     def model(self) -> ModelInfo:
@@ -169,7 +170,7 @@ def executor_key(request: RenderRequest) -> tuple:
     """What an executor was started for: two requests with the same key can share it."""
     where = ("gang", request.workers, request.address, request.gpus_per_worker, request.collective_timeout_s) if request.workers \
         else ("in-process", request.device)
-    return (request.model, request.model_config, request.dtype, *where)
+    return (request.model, request.model_config, request.dtype, *where, request.motion_adapter)
 
 
 def describe(key: tuple) -> str:

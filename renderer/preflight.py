@@ -26,13 +26,15 @@ GiB = 2**30
 # One attention level of a CFG UNet call beyond the held skips: FreeScale's global and windowed q, k, v and
 # outputs, the blur, the GEGLU feed-forward (8x then 4x wide) and the convs around them.
 ATTENTION_WORKSET = 28
-# The banded exact decode: a resnet's input, normed, conv and shortcut bands at once, and the last
-# upsampler's nearest-upsampled input, all at full resolution.
-DECODE_WORKSET = 6
-# A VAE encode of the whole upsampled image: the first block's input, output and temporaries at full size
-# (measured 4.25); on a worker's strip 5.33, as every 3x3 conv first copies its input with the halo rows.
+# The banded exact VAE on the device: one band's slab with its halo, normalised, upsampled, convolved and added
+# to its input, in bands of the widest full-resolution activation (2.8 measured with bench/vae_memory.py on the
+# tiny model, 4096², 2 ranks: docs/benchmarks.md).
+BAND_WORKSET = 3
+# Its mid-block attention at latent resolution, in activations of the strip's tokens x the mid width: queries,
+# keys and values, the keys and values packed for the ring, the block in flight and the outputs.
+MID_ATTENTION_WORKSET = 9
+# A tile of diffusers' tiled encode or decode: the first block's input, output and temporaries at full size.
 ENCODE_WORKSET = 4.5
-SHARDED_ENCODE_WORKSET = 5.5
 # A CPU process holds this much more once it runs than when the preflight measures it (loaded pipeline
 # objects, allocator caches, kernel workspaces; measured as above). CUDA's own context is not counted,
 # as the GPU figures compare with torch's peak allocation.
@@ -57,12 +59,14 @@ def model_shape(model: str) -> ModelShape | None:
 
     from renderer.models.builtin import SDXL, TINY, TOY, build_text_encoders, build_unet, build_vae
 
+    from renderer.models.motion import image_model
+
     specs = {"tiny": TINY, "toy": TOY, "sdxl-random": SDXL}
     folder = Path(model)
     with torch.device("meta"):
-        if model in specs:
-            unet, vae = build_unet(specs[model]), build_vae(specs[model])
-            encoders = build_text_encoders(specs[model])
+        if image_model(model) in specs:
+            spec = specs[image_model(model)]
+            unet, vae, encoders = build_unet(spec), build_vae(spec), build_text_encoders(spec)
             timesteps = 1000
         elif (folder / "model_index.json").is_file():
             try:
@@ -95,8 +99,10 @@ class MemoryEstimate:
     baseline: int  # the process before the model (interpreter, libraries); 0 on a GPU
     weights: int
     unet: int  # one CFG UNet call's activations at the largest stage
-    vae: int  # the largest VAE decode or encode
+    vae: int  # the largest VAE decode or encode on the device
     device: str
+    band_rows: int = 0  # latent rows per band of the exact VAE at the largest stage (0: tiled)
+    host: int = 0  # a GPU's exact VAE keeps its layers between bands in host memory
 
     @property
     def peak(self) -> int:
@@ -111,24 +117,34 @@ class Plan:
     checkpoint_bytes: int
     coordinator: MemoryEstimate
     worker: MemoryEstimate | None = None
+    vae_scale: int = 8
+    frames: int = 1
 
     def lines(self) -> list[str]:
+        final = format_size(self.stages[-1])
+        output = (f"output: {final}, at most {self.output_bytes / GiB:.2f} GiB uncompressed with its pyramid" if self.frames == 1 else
+                  f"output: {self.frames} frames of {final} (an H.264 MP4, and every frame losslessly in a {self.output_bytes / GiB:.2f} GiB "
+                  "TIFF at most)")
         lines = [
             f"stages: {' -> '.join(format_size(size) for size in self.stages)}",
-            f"UNet calls: {self.unet_calls} (CFG batch of 2 each)",
-            f"output: {self.stages[-1][0]}x{self.stages[-1][1]}, at most {self.output_bytes / GiB:.2f} GiB uncompressed with its pyramid",
+            f"UNet calls: {self.unet_calls} (CFG batch of 2{f' x {self.frames} frames' if self.frames > 1 else ''} each)",
+            output,
             f"checkpoints: at most {self.checkpoint_bytes / 2**20:.0f} MiB",
         ]
         for label, estimate in (("coordinator", self.coordinator), ("each worker", self.worker)):
             if estimate is not None and not estimate.weights:
-                lines.append(f"peak memory, {label} ({estimate.device}): {estimate.peak / GiB:.2f} GiB (process only: "
-                             "no model, the workers hold it and run every stage)")
+                lines.append(f"peak memory, {label} ({estimate.device}): {estimate.peak / GiB:.2f} GiB (the process and "
+                             "the final rows it writes; no model: the workers hold it and run every stage)")
             elif estimate is not None:
                 lines.append(
                     f"peak memory, {label} ({estimate.device}): {estimate.peak / GiB:.2f} GiB "
                     f"(process {estimate.baseline / GiB:.2f}, weights {estimate.weights / GiB:.2f}, "
                     f"UNet step {estimate.unet / GiB:.2f}, VAE {estimate.vae / GiB:.2f})"
                 )
+                if estimate.band_rows:
+                    host = f"; its layers wait in {estimate.host / GiB:.2f} GiB of host memory" if estimate.host else ""
+                    lines.append(f"exact VAE, {label}: bands of {estimate.band_rows} latent rows "
+                                 f"({estimate.band_rows * self.vae_scale} px){host}")
         return lines
 
 
@@ -152,21 +168,45 @@ def unet_activation_bytes(unet: dict, latent_hw: tuple[float, float], itemsize: 
     return int(2 * itemsize * (skip + workset))
 
 
-def vae_bytes(vae: dict, size: Size, previous: Size | None, mode: str, itemsize: int, share: float = 1.0) -> int:
-    """The larger of the stage's encode (its whole upsampled image, a worker its strip; or a tile) and its
-    decode."""
+def vae_store_bytes(vae: dict, pixels: float, itemsize: int) -> float:
+    """The banded VAE's store at its fullest: a resnet's input and hidden activation, or an upsampler's or
+    downsampler's input and output, of `pixels` full-resolution pixels."""
+    channels = vae["block_out_channels"]
+    levels = len(channels)
+    held = []
+    for level, width in enumerate(channels):  # the encoder, from full resolution down
+        at = pixels / 4**level
+        held.append(((channels[level - 1] if level else channels[0]) + width) * at)
+        held.append(width * at * 1.25 if level + 1 < levels else 0)
+    reverse = channels[::-1]
+    for level, width in enumerate(reverse):  # the decoder, from latent resolution up
+        at = pixels / 4 ** (levels - 1 - level)
+        held.append(((reverse[level - 1] if level else reverse[0]) + width) * at)
+        held.append(width * at * 5 if level + 1 < levels else 0)
+    return max(held) * itemsize
+
+
+def vae_bytes(vae: dict, size: Size, mode: str, itemsize: int, share: float = 1.0, device: str = "cpu") -> tuple[int, int, int]:
+    """Device bytes of the larger of the stage's encode and decode, the exact VAE's band height and the bytes of
+    its layers kept in host memory (on a GPU; on the CPU they count on the device)."""
     pixels = size[0] * size[1] * share
-    width = vae["block_out_channels"][0] * itemsize
+    images = 4 * 3 * pixels * 2  # the decoded image and its upsampled version, fp32
     if mode == "tiled":  # one tile at a time, both ways; the image strip is also fetched with its tiles' rows
         tile = vae.get("sample_size", 512)
         tile = tile[0] if isinstance(tile, (list, tuple)) else tile
-        encode = decode = ENCODE_WORKSET * tile * tile * width + 12 * pixels
-        images = 4 * 3 * pixels * 3
-    else:
-        encode = (ENCODE_WORKSET if share == 1 else SHARDED_ENCODE_WORKSET) * pixels * width
-        decode = DECODE_WORKSET * pixels * width
-        images = 4 * 3 * pixels * 2  # the decoded image and its upsampled version, fp32
-    return int(max(encode if previous is not None else 0, decode) + images)
+        return int(ENCODE_WORKSET * tile * tile * vae["block_out_channels"][0] * itemsize + 12 * pixels + images * 1.5), 0, 0
+    from renderer.parallel.banded_vae import band_rows, full_resolution_width
+
+    channels = vae["block_out_channels"]
+    scale = 2 ** (len(channels) - 1)
+    rows = min(band_rows(vae, size[0], itemsize), max(1, round(size[1] * share / scale)))
+    band = BAND_WORKSET * rows * scale * size[0] * full_resolution_width(channels) * itemsize
+    attention = MID_ATTENTION_WORKSET * pixels / scale**2 * channels[-1] * itemsize
+    store = vae_store_bytes(vae, pixels, itemsize)
+    on_device = band + attention + images
+    if device.startswith("cuda"):
+        return int(on_device), rows, int(store)
+    return int(on_device + store), rows, 0
 
 
 def estimate(request: RenderRequest, shape: ModelShape, stages: list[Size], device: str, share: float = 1.0,
@@ -181,9 +221,10 @@ def estimate(request: RenderRequest, shape: ModelShape, stages: list[Size], devi
     unet = max(unet_activation_bytes(shape.unet, (size[1] / scale * part, size[0] / scale), itemsize)
                for size, part in zip(stages, shares))
     mode = "tiled" if request.vae_mode == "tiled" else "exact"
-    vae = max(vae_bytes(shape.vae, size, previous, mode, vae_itemsize, part)
-              for previous, size, part in zip([None, *stages], stages, shares))
-    return MemoryEstimate(baseline, weights, unet, vae, device)
+    per_stage = [vae_bytes(shape.vae, size, mode, vae_itemsize, part, device) for size, part in zip(stages, shares)]
+    vae, rows, _ = max(per_stage)
+    frames = request.frames  # a clip's frames are the batch of every UNet call and every VAE pass
+    return MemoryEstimate(baseline, weights, unet * frames, vae * frames, device, rows, max(host for _, _, host in per_stage) * frames)
 
 
 def preflight(request: RenderRequest) -> Plan | None:
@@ -194,16 +235,17 @@ def preflight(request: RenderRequest) -> Plan | None:
         return None
     stages = planned_stages(request, shape)
     check_steps(request, shape.train_timesteps)
+    check_motion(request, shape)
     check_inputs(request, stages[0])
     driver = process_memory() + CPU_RUNTIME
     if request.workers:  # the driver loads no model: it plans, writes checkpoints and streams the TIFF
-        coordinator = MemoryEstimate(driver, 0, 0, 0, "cpu")
+        coordinator = MemoryEstimate(driver + writing_bytes(stages[-1], request.workers, request.frames), 0, 0, 0, "cpu")
     else:
         coordinator = estimate(request, shape, stages, request.device, baseline=0 if request.device.startswith("cuda") else driver)
     plan = Plan(
-        stages=stages, unet_calls=unet_calls(request, len(stages)), output_bytes=pyramid_bytes(stages[-1]),
-        checkpoint_bytes=checkpoint_bytes(stages, shape), coordinator=coordinator,
-        worker=worker_estimate(request, shape, stages, driver),
+        stages=stages, unet_calls=unet_calls(request, len(stages)), output_bytes=pyramid_bytes(stages[-1]) * request.frames,
+        checkpoint_bytes=checkpoint_bytes(stages, shape) * request.frames, coordinator=coordinator, frames=request.frames,
+        worker=worker_estimate(request, shape, stages, driver), vae_scale=2 ** (len(shape.vae["block_out_channels"]) - 1),
     )
     check_disk(request, plan)
     check_memory(request, plan)
@@ -250,6 +292,12 @@ def unet_calls(request: RenderRequest, stages: int) -> int:
     return (0 if request.image else request.steps) + (stages - 1) * upscaling
 
 
+def writing_bytes(size: Size, workers: int, frames: int = 1) -> int:
+    """A gang's driver writing the output: a worker's strip of final pixels (uint8) as it arrives, the writer's
+    copy of it and its tiles: 2.5 strips, measured on the 16384² render of docs/benchmarks.md."""
+    return int(2.5 * 3 * size[0] * size[1] * frames / workers)
+
+
 def pyramid_bytes(size: Size) -> int:
     return int(size[0] * size[1] * 3 * 4 / 3)
 
@@ -264,6 +312,15 @@ def checkpoint_bytes(stages: list[Size], shape: ModelShape) -> int:
 def check_steps(request: RenderRequest, train_timesteps: int) -> None:
     if request.steps > train_timesteps:
         raise RenderError(f"--steps {request.steps} exceeds the scheduler's {train_timesteps} training timesteps; use at most {train_timesteps} (50 is the reference)")
+
+
+def check_motion(request: RenderRequest, shape: ModelShape) -> None:
+    """A clip's motion adapter against the UNet and the frames, from its config (a hub id's once loaded)."""
+    from renderer.models.motion import adapter_config, check_adapter
+
+    config = adapter_config(request.model, request.motion_adapter) if request.frames > 1 else None
+    if config is not None:
+        check_adapter(config, shape.unet["block_out_channels"], request.frames, request.motion_adapter or request.model)
 
 
 def check_inputs(request: RenderRequest, base: Size) -> None:
@@ -308,6 +365,10 @@ def check_memory(request: RenderRequest, plan: Plan) -> None:
     if peak <= total:
         return
     options = []
+    if request.frames > 1:
+        per_frame = max(plan.coordinator.unet, plan.coordinator.vae) / request.frames
+        options.append(f"--frames {max(1, int((total - peak + per_frame * request.frames) // per_frame))} or fewer "
+                       f"(each frame needs about {per_frame / GiB:.1f} GiB)")
     if request.vae_mode != "tiled" and plan.coordinator.vae >= plan.coordinator.unet:
         options.append("--vae-mode tiled")
     if not request.freescale.fast_mode:

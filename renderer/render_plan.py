@@ -48,9 +48,11 @@ def check_device(device: str) -> None:
 
 
 def choose_vae_mode(request: RenderRequest, model: ModelInfo, size: Size, share: float = 1.0, available: int = 0) -> str:
-    """`exact` when one full-resolution decoder activation, three times over, fits in 80 % of free memory.
+    """`exact` when the banded VAE's layers (a resnet's input and hidden activation: about three activations of
+    its full-resolution level) fit in 80 % of free memory.
 
-    A sharded decode holds `share` of the rows, in the `available` memory of the tightest rank."""
+    A sharded decode holds `share` of the rows, in the `available` memory of the tightest rank (on a GPU its
+    free GPU memory, though the layers wait in host memory: the choice errs towards `tiled` there)."""
     if request.vae_mode != "auto":
         return request.vae_mode
     activation = size[0] * size[1] * share * model.vae_width * model.vae_itemsize

@@ -149,6 +149,10 @@ class RenderRequest:
     metrics_port: int | None = None  # without --workers: serve Prometheus metrics on this port (0: any free one)
     metrics_addr: str = "0.0.0.0"  # ... on this address
     metrics_linger_s: float = 15.0  # ... and keep serving them this long after the render, for the last scrape
+    frames: int = 1  # above 1: a clip of this many frames, from a motion model (tiny-video, or --motion-adapter)
+    fps: float = 8.0  # the clip's frame rate
+    crf: int = 18  # the clip's H.264 quality (0 lossless .. 51 worst)
+    motion_adapter: str | None = None  # AnimateDiff motion modules for --model: a diffusers folder or hub id
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -203,6 +207,7 @@ class RenderRequest:
             raise RenderError(f"--metrics-linger {self.metrics_linger_s} must be a number of seconds >= 0 (default 15)")
         if self.gpus_per_worker is not None and not 0 <= self.gpus_per_worker <= 1:
             raise RenderError(f"--gpus-per-worker {self.gpus_per_worker}: use 1, a fraction to share GPUs, or 0 for CPU workers")
+        check_clip(self)
 
     def plan(self, geometry: ModelGeometry) -> list[Size]:
         if self.stages:
@@ -230,6 +235,34 @@ class RenderRequest:
 
 
 OUTPUT_SUFFIXES = (".tif", ".tiff", ".png")
+CLIP_SUFFIX = ".mp4"
+
+
+def check_clip(request: RenderRequest) -> None:
+    """A clip needs a motion model, an .mp4 output and one process (for now); a still image none of the clip options."""
+    from renderer.models.motion import VIDEO_MODELS
+
+    if isinstance(request.frames, bool) or not isinstance(request.frames, int) or request.frames < 1:
+        raise RenderError(f"--frames {request.frames} must be a whole number of at least 1 (1: a still image)")
+    if request.frames == 1:
+        if request.motion_adapter:
+            raise RenderError(f"--motion-adapter {request.motion_adapter} animates a clip; give --frames N (2 or more)")
+        if Path(request.out).suffix.lower() == CLIP_SUFFIX:
+            raise RenderError(f"--out {request.out} is a clip's name; give --frames N (2 or more), or name a .tif or .png")
+        return
+    if request.model not in VIDEO_MODELS and not request.motion_adapter:
+        raise RenderError(f"--frames {request.frames}: --model {request.model} renders still images; use a motion model: "
+                          f"--model {next(iter(VIDEO_MODELS))}, or --motion-adapter FOLDER_OR_ID with an SDXL-style --model")
+    if Path(request.out).suffix.lower() != CLIP_SUFFIX:
+        raise RenderError(f"--out {request.out}: a clip (--frames {request.frames}) is written as an H.264 video; name it *.mp4")
+    if not (math.isfinite(request.fps) and request.fps > 0):
+        raise RenderError(f"--fps {request.fps} must be a positive number of frames per second, e.g. 8")
+    if isinstance(request.crf, bool) or not isinstance(request.crf, int) or not 0 <= request.crf <= 51:
+        raise RenderError(f"--crf {request.crf}: use a whole number from 0 (lossless) to 51 (smallest); 18 looks lossless")
+    for given, option in ((request.image, "--image"), (request.save_stages, "--save-stages")):
+        if given:
+            raise RenderError(f"--frames {request.frames} with {option}: clips start from the prompt and keep their final "
+                              f"frames only, for now; drop {option}")
 
 
 def check_codec(compression: str) -> None:
@@ -241,8 +274,8 @@ def check_codec(compression: str) -> None:
 
 
 def check_output_path(out: Path) -> None:
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise RenderError(f"--out {out}: use a name ending in {' or '.join(OUTPUT_SUFFIXES)}")
+    if out.suffix.lower() not in (*OUTPUT_SUFFIXES, CLIP_SUFFIX):
+        raise RenderError(f"--out {out}: use a name ending in {' or '.join(OUTPUT_SUFFIXES)} (or {CLIP_SUFFIX} for a clip)")
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise RenderError(f"--out {out}: folder {folder} does not exist")

@@ -55,7 +55,7 @@ class StageJob:
     Everything the ranks need is sent once: no per-step traffic passes through the driver."""
 
     cond: Conditioning | None  # on the CPU; None: the rank encodes `prompt`
-    latents: torch.Tensor  # (1, 4, h, w) whole, on the CPU: stage `first - 1`'s, or stage `first`'s at `resume_step`
+    latents: torch.Tensor  # (frames, 4, h, w) whole, on the CPU: stage `first - 1`'s, or stage `first`'s at `resume_step`
     stages: list[tuple[int, int]]  # (width, height) of every stage, base first
     first: int  # index of the first stage to run
     last: int  # one past the last stage to run
@@ -74,6 +74,7 @@ class StageJob:
     initial: torch.Tensor | None = None  # (1, 3, H, W) in [-1, 1] at the base size: the base stage encodes it (--image)
     first_sharded: int | None = None  # stages before it run on rank 0 alone (None: every stage on every rank)
     stage_ends: dict[int, torch.Tensor] = field(default_factory=dict)  # with save_stages: latents of stages not run, to decode
+    frames: int = 1  # a clip's frames: the latents' batch, denoised together by a motion UNet
 
 
 @dataclass
@@ -134,7 +135,7 @@ def base_latents(pipeline, job: StageJob, cond: Conditioning, progress: Progress
     if job.initial is not None:
         return encode(pipeline, job.initial.to(pipeline.unet.device), job.config.seed, stage=0).float()
     progress.stage(f"stage 0 {width}x{height}", job.steps)
-    return generate_base(pipeline, cond, (height, width), job.steps, job.config, metrics.stepping(progress, 0, 0)).float()
+    return generate_base(pipeline, cond, (height, width), job.steps, job.config, metrics.stepping(progress, 0, 0), job.frames).float()
 
 
 def stage_loop(pipeline, job: StageJob, group, local: bool, world: int, guide: GuidanceSplit | None, progress: Progress,

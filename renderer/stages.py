@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline, UNetMotionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from freescale_core import FreeScaleConfig, freescale_mode, freeu_mode
@@ -57,10 +57,17 @@ def predict_noise(pipeline: StableDiffusionXLPipeline, scheduler, latents: torch
     guidance split, `renderer.parallel.guidance`), `cond` is one branch and the other comes from the partner."""
     batch = cond.prompt_embeds.shape[0]
     model_input = scheduler.scale_model_input(torch.cat([latents] * batch), timestep).to(pipeline.unet.dtype)
+    states = cond.prompt_embeds
+    frames = latents.shape[0]  # a clip's frames are its batch; a motion UNet takes them as (batch, C, frames, h, w)
+    if isinstance(pipeline.unet, UNetMotionModel):
+        model_input = model_input.unflatten(0, (batch, frames)).transpose(1, 2)
+        states = states.repeat_interleave(frames, dim=0)  # per frame, as AnimateDiff's pipelines pass them
     noise = pipeline.unet(
-        model_input, timestep, encoder_hidden_states=cond.prompt_embeds,
+        model_input, timestep, encoder_hidden_states=states,
         added_cond_kwargs={"text_embeds": cond.text_embeds, "time_ids": cond.time_ids},
     ).sample.float()
+    if noise.ndim == 5:
+        noise = noise.transpose(1, 2).flatten(0, 1)
     if both_branches is not None:
         noise = both_branches(noise)
     negative, positive = noise.chunk(2)
@@ -73,10 +80,12 @@ def fresh_scheduler(pipeline: StableDiffusionXLPipeline, steps: int):
     return scheduler
 
 
-def generate_base(pipeline, cond: Conditioning, size_hw: tuple[int, int], steps: int, config: FreeScaleConfig, progress: Progress) -> torch.Tensor:
+def generate_base(pipeline, cond: Conditioning, size_hw: tuple[int, int], steps: int, config: FreeScaleConfig, progress: Progress,
+                  frames: int = 1) -> torch.Tensor:
+    """The base stage's latents (frames, C, h, w): one per frame of a clip, denoised together."""
     scheduler = fresh_scheduler(pipeline, steps)
     latent_hw = (size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
-    noise = normal((1, pipeline.unet.config.in_channels, *latent_hw), config.seed, "base-noise")
+    noise = normal((frames, pipeline.unet.config.in_channels, *latent_hw), config.seed, "base-noise")
     latents = noise.to(pipeline.unet.device) * scheduler.init_noise_sigma
     with freeu_mode(pipeline.unet, config):
         for timestep in scheduler.timesteps:
@@ -107,7 +116,7 @@ def upscale_stage(
     `both_branches`: see `predict_noise`.
     """
     scheduler = fresh_scheduler(pipeline, steps)
-    latent_shape = (1, reference.shape[1], size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
+    latent_shape = (reference.shape[0], reference.shape[1], size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
     noise = normal(latent_shape, config.seed, "restart-noise", stage)[:, :, rows].to(reference.device)
     start = restart_index(steps, config.restart_fraction)
     if resume is None:

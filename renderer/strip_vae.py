@@ -1,22 +1,28 @@
 """The VAE on row strips: a rank's rows of a decode, and of the re-encoded reference of the next stage.
 
-A world of one decodes in row bands (`renderer.vae_bands`); a gang's rank runs the whole decoder on its strip
-(`exact`, its convs and GroupNorms sharded) or diffusers' tile rows that meet its strip (`tiled`). Either way a
-rank's rows equal the single-process result's.
+`exact` runs the banded VAE (`renderer.parallel.banded_vae`) on the rank's rows, a group of one included;
+`tiled` decodes diffusers' tile rows that meet the strip (a group of one: every tile row, streamed).
+Either way a rank's rows equal the single-process result's.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Iterator
 
 import torch
 
 from freescale_core import FreeScaleConfig
 from renderer.parallel import ops
-from renderer.parallel.sharding import sharding
+from renderer.parallel.banded_vae import BandedVAE, band_rows
 from renderer.parallel.strips import RowGroup, Span, StripLayout
-from renderer.stages import encode, sample_latents, unscaled
-from renderer.vae_bands import decode_rows, decode_tiled, encode_tile_grid, encode_tiled, tile_grid
+from renderer.stages import sample_latents, unscaled
+from renderer.vae_bands import VAE_MODES, decode_tiled, encode_tile_grid, encode_tiled, tile_grid
+
+
+def banded(vae, rows: RowGroup, width_px: int) -> BandedVAE:
+    """The banded VAE on this rank's rows of an image `width_px` wide, with the plan's band height."""
+    return BandedVAE(vae, rows, band_rows(vae.config, width_px, vae.dtype.itemsize))
 
 
 def tile_row_reads(layout: StripLayout, kept: int, stride: int, tile: int, height: int) -> tuple[list[range], list[Span]]:
@@ -27,33 +33,39 @@ def tile_row_reads(layout: StripLayout, kept: int, stride: int, tile: int, heigh
     return tile_rows, [(max(0, (t.start - 1) * stride), min(height, (t.stop - 1) * stride + tile)) for t in tile_rows]
 
 
-def decode_strip(pipeline, rows: RowGroup, latents: torch.Tensor, mode: str) -> torch.Tensor:
-    """This rank's rows of the decoded image (fp32, unclamped), equal to the single-process decode of `mode`.
+def decoded_bands(vae, rows: RowGroup, z: torch.Tensor, mode: str) -> Iterator[torch.Tensor]:
+    """This rank's rows of the decode of `mode` of unscaled latents `z` (its latent rows), top to bottom in bands.
 
-    A group of one decodes in row bands (`renderer.vae_bands`). Otherwise `exact` runs the whole decoder on
-    the strip, and `tiled` decodes the diffusers tile rows whose finished rows meet the strip, plus the tile
-    row above for its blend, from the latent rows they cover."""
-    vae = pipeline.vae
-    z = unscaled(pipeline, latents)
-    if rows.world == 1:
-        return torch.cat([band.float() for band in decode_rows(vae, z, mode)], dim=2)
-    z = z.to(vae.dtype)
+    `tiled` in a group of one streams diffusers' tile rows; on a strip it decodes the tile rows whose finished
+    rows meet the strip, plus the tile row above for its blend, from the latent rows they cover."""
     if mode == "exact":
-        with sharding(vae, rows):
-            return vae.decode(z).sample.float()
-    scale = pipeline.vae_scale_factor
+        yield from banded(vae, rows, z.shape[3] * 2 ** (len(vae.config.block_out_channels) - 1)).decode(z)
+        return
+    if mode != "tiled":
+        raise ValueError(f"vae mode {mode!r}: use one of {', '.join(VAE_MODES)}")
+    z = z.to(vae.dtype)
+    if rows.world == 1:
+        yield from decode_tiled(vae, z)
+        return
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
     layout = rows.layout_for(z.shape[2])
     start, stop = layout.span(rows.rank)
     tile, stride, _, finished = tile_grid(vae)
     if layout.height <= tile and z.shape[3] <= tile:
         whole = rows.fetch(z, 2, [(0, layout.height)] * rows.world, "vae")
-        return vae.decode(whole).sample.float()[:, :, start * scale : stop * scale]
+        yield vae.decode(whole).sample[:, :, start * scale : stop * scale]
+        return
     tile_rows, requests = tile_row_reads(layout, stride, stride, tile, layout.height)
     mine = tile_rows[rows.rank]
     slab = rows.fetch(z, 2, requests, "vae")
-    pixels = torch.cat([band.float() for band in decode_tiled(vae, slab, mine, offset=requests[rows.rank][0])], dim=2)
+    pixels = torch.cat(list(decode_tiled(vae, slab, mine, offset=requests[rows.rank][0])), dim=2)
     first = mine.start * finished
-    return pixels[:, :, start * scale - first : stop * scale - first]
+    yield pixels[:, :, start * scale - first : stop * scale - first]
+
+
+def decode_strip(pipeline, rows: RowGroup, latents: torch.Tensor, mode: str) -> torch.Tensor:
+    """This rank's rows of the decoded image (fp32, unclamped), equal to the single-process decode of `mode`."""
+    return torch.cat([band.float() for band in decoded_bands(pipeline.vae, rows, unscaled(pipeline, latents), mode)], dim=2)
 
 
 def stage_reference(pipeline, previous: RowGroup, latents: torch.Tensor, image: torch.Tensor | None, rows: RowGroup,
@@ -67,9 +79,9 @@ def stage_reference(pipeline, previous: RowGroup, latents: torch.Tensor, image: 
     span = rows.layout.rows(rows.rank)
     if mode == "tiled":
         moments = encode_strip_tiled(pipeline.vae, rows, image)
-        return sample_latents(pipeline, moments, config.seed, stage, rows=span, latent_height=rows.layout.height)
-    with sharding(pipeline.vae, rows):
-        return encode(pipeline, image, config.seed, stage, rows=span, latent_height=rows.layout.height)
+    else:
+        moments = banded(pipeline.vae, rows, size[0]).encode(image)
+    return sample_latents(pipeline, moments, config.seed, stage, rows=span, latent_height=rows.layout.height)
 
 
 def encode_strip_tiled(vae, rows: RowGroup, image: torch.Tensor) -> torch.Tensor:

@@ -19,13 +19,14 @@ import torch.distributed as dist
 from renderer.memory import available_memory, memory_limit, peak_memory
 from renderer.metrics import NULL_METRICS, RenderMetrics
 from renderer.models import load_pipeline, model_geometry
+from renderer.models.motion import max_frames
 from renderer.parallel.strips import RowGroup, hand_over, init_process_group
 from renderer.progress import Progress
 from renderer.request import ModelGeometry
 from renderer.stage_loop import CheckpointSink, StageJob, StageRun, run_stages
 from renderer.stages import encode_prompts, unscaled
-from renderer.strip_vae import decode_strip
-from renderer.vae_bands import decode_rows, to_pixels
+from renderer.strip_vae import decode_strip, decoded_bands
+from renderer.vae_bands import to_pixels
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ModelInfo:
     dtype: str  # the UNet's and text encoders' ("float16", "float32", ...)
     vae_dtype: str
     device: str  # "cpu" or "cuda"
+    max_frames: int = 0  # frames a motion UNet attends over at once; 0: an image model
 
     @property
     def vae_itemsize(self) -> int:
@@ -59,7 +61,7 @@ def model_info(pipeline) -> ModelInfo:
     return ModelInfo(
         geometry=model_geometry(pipeline), latent_channels=pipeline.unet.config.in_channels,
         vae_width=pipeline.vae.config.block_out_channels[0], dtype=dtype_name(pipeline.unet.dtype),
-        vae_dtype=dtype_name(pipeline.vae.dtype), device=pipeline.unet.device.type,
+        vae_dtype=dtype_name(pipeline.vae.dtype), device=pipeline.unet.device.type, max_frames=max_frames(pipeline.unet),
     )
 
 
@@ -80,9 +82,9 @@ class Worker:
     """A rank: the model, its place in the group, and the rows of the final image until they are taken."""
 
     def __init__(self, model: str, device: str = "cpu", dtype: str | None = None, model_config: str | None = None,
-                 pipeline=None):
+                 pipeline=None, motion_adapter: str | None = None):
         if pipeline is None:
-            pipeline = load_pipeline(model, device, resolve_dtype(dtype, device), model_config)
+            pipeline = load_pipeline(model, device, resolve_dtype(dtype, device), model_config, motion_adapter)
         self.pipeline = pipeline
         self.final: tuple[RowGroup, torch.Tensor, str] | None = None
 
@@ -124,8 +126,8 @@ class Worker:
             if alone:
                 width, height = job.stages[split - 1]
                 scale = pipeline.vae_scale_factor
-                handed = hand_over(runs[0].latents if runs else None, (1, pipeline.unet.config.in_channels, height // scale, width // scale),
-                                   self.device)
+                shape = (job.frames, pipeline.unet.config.in_channels, height // scale, width // scale)
+                handed = hand_over(runs[0].latents if runs else None, shape, self.device)
                 job = replace(job, first=split, latents=handed.cpu(), resume_step=None, reference=None)
             runs.append(run_stages(pipeline, job, progress=progress, checkpoint=checkpoint, metrics=metrics))
         elif not runs:
@@ -147,16 +149,12 @@ class Worker:
                 for stage, latents in job.stage_ends.items()}
 
     def final_rows(self) -> Iterator[np.ndarray]:
-        """This rank's rows of the final image as (rows, W, 3) uint8 bands: streamed band by band in a world of
-        one, one strip in a gang."""
+        """This rank's rows of the final image as (rows, W, 3) uint8 bands, streamed as they are decoded."""
         rows, latents, mode = self.final
         self.final = None
         with torch.inference_mode():
-            if rows.world == 1:
-                for band in decode_rows(self.pipeline.vae, unscaled(self.pipeline, latents), mode):
-                    yield to_pixels(band)
-            else:
-                yield to_pixels(decode_strip(self.pipeline, rows, latents, mode))
+            for band in decoded_bands(self.pipeline.vae, rows, unscaled(self.pipeline, latents), mode):
+                yield to_pixels(band)
 
     def peak(self) -> tuple[int, int]:
         """Peak bytes this rank allocated, and what its device has for it."""

@@ -15,7 +15,7 @@ from renderer.memory import peak_memory
 from renderer.outputs import sidecar_path, stage_path, write_json, write_png
 from renderer.tiff import TiffOptions, write_preview, write_pyramid
 
-LIBRARIES = ("freescale-poster", "torch", "diffusers", "transformers", "numpy", "pillow", "tifffile")
+LIBRARIES = ("freescale-poster", "torch", "diffusers", "transformers", "numpy", "pillow", "tifffile", "av")
 
 
 def library_versions() -> dict[str, str]:

@@ -14,7 +14,7 @@ import renderer.preflight
 from renderer import RenderRequest, render
 from renderer.cli import main
 from renderer.errors import RenderError
-from renderer.preflight import model_shape, preflight, unet_activation_bytes
+from renderer.preflight import model_shape, preflight, unet_activation_bytes, vae_store_bytes
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +101,28 @@ def test_the_rayjob_entrypoint_plans_no_model_on_the_driver_and_fp16_gpu_workers
     weights = float(re.search(r"weights ([\d.]+),", worker).group(1))
     assert 6 < weights < 7  # SDXL's UNet (2.6 B parameters) and text encoders (0.8 B) at 2 bytes, its VAE upcast to 4
     assert float(re.search(r"each worker \(cuda\): ([\d.]+) GiB", worker).group(1)) < 24
+
+
+@pytest.mark.parametrize("size, goal, rows", [(8192, 12, 8), (16384, 24, 4)])
+def test_eight_gpu_workers_fit_a_farm_gpu_with_the_exact_vae(no_weights, capsys, tmp_path, size, goal, rows):
+    """SDXL shapes, 8 GPU workers in fp16, --vae-mode exact: each worker within the issue's goal (the VAE's
+    strip decode took 48.75 GiB at 16384² before it ran in bands), the band height printed, and the layers
+    kept between bands in host memory said."""
+    argv = ["--model", "sdxl-random", "--prompt", "a kite", "--size", f"{size}x{size}", "--workers", "8",
+            "--gpus-per-worker", "1", "--dtype", "float16", "--vae-mode", "exact", "--out", str(tmp_path / "p.tif"), "--dry-run"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (worker,) = [line for line in lines if line.startswith("peak memory, each worker")]
+    assert float(re.search(r"\(cuda\): ([\d.]+) GiB", worker).group(1)) <= goal
+    (bands,) = [line for line in lines if line.startswith("exact VAE, each worker")]
+    assert f"bands of {rows} latent rows ({8 * rows} px)" in bands and "GiB of host memory" in bands
+
+
+def test_vae_store_is_a_resnets_input_and_hidden_activation():
+    """A 2-level VAE (8, 16 channels) on 64 full-resolution pixels: the decoder's last resnet holds its 16-channel
+    input and 8-channel hidden activation at full size, more than the upsampler's 16 channels at ¼ and full size."""
+    vae = {"block_out_channels": [8, 16]}
+    assert vae_store_bytes(vae, 64, 4) == (16 + 8) * 64 * 4
 
 
 def test_unet_estimate_counts_every_held_skip(tmp_path):

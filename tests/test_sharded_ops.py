@@ -23,12 +23,13 @@ TOLERANCES = {
 }
 CHECKS = [
     "conv 3x3", "conv dilated 3", "conv dilated 12 (halo wider than a strip)", "conv stride 2", "conv dilated 2 stride 2",
-    "upsample then conv", "downsample padded bottom-right", "group norm", "ring attention",
+    "upsample then conv", "group norm", "ring attention",
     "local windows, padded and jittered, 1/1 grid", "local windows, padded and jittered, 1/2 grid", "scale fusion hw, jitter",
     "scale fusion hwc", "scale fusion wc, no jitter", "scale fusion at the 1/2 grid", "scale fusion fast mode",
     "blur hw k=5", "blur hw k=15", "blur hwc k=5", "blur hwc k=15", "blur wc k=5", "blur wc k=15",
     "freeu fourier filter s=0.6", "freeu fourier filter s=0.4", "bicubic resize 20->40", "bicubic resize 20->30",
-    "bicubic resize 24->72", "vae decode exact", "vae decode tiled", "vae encode", "vae encode tiled",
+    "bicubic resize 24->72", "vae decode exact", "vae decode exact, 3-row bands", "vae decode tiled",
+    "vae encode, 2-row bands", "vae encode, a band per strip", "vae encode tiled",
     "tiny unet forward, step 0", "tiny unet forward, step 40", "tiny unet forward, no scale fusion, step 0",
 ]
 

@@ -1,4 +1,4 @@
-"""Banded VAE decoding against diffusers' own untiled and tiled decodes, and the tiled encode against diffusers'."""
+"""The tiled VAE (streamed decode, tiled encode) against diffusers' own tiled decode and encode."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from renderer.models.builtin import TINY, build_random_pipeline
-from renderer.vae_bands import conv_bands, decode_rows, encode_tiled, group_norm_bands
+from renderer.parallel.strips import RowGroup
+from renderer.strip_vae import decoded_bands
+from renderer.vae_bands import encode_tiled
 
 
 @pytest.fixture(scope="module")
@@ -24,22 +26,12 @@ def latent_with_band_statistics(height: int, width: int) -> torch.Tensor:
     return z + torch.linspace(-1, 1, width)
 
 
-@pytest.mark.parametrize("band_rows", [1, 7, 16])
-def test_exact_banded_decode_equals_untiled_decode(vae, band_rows):
-    z = latent_with_band_statistics(40, 24)
-    with torch.no_grad():
-        reference = vae.decode(z).sample
-        banded = torch.cat(list(decode_rows(vae, z, "exact", band_rows=band_rows)), dim=2)
-    assert banded.shape == reference.shape
-    assert (banded - reference).abs().max() <= 1e-4 * reference.abs().max()
-
-
 def test_tiled_streaming_equals_diffusers_tiled_decode(vae):
     z = latent_with_band_statistics(40, 24)
     vae.tile_sample_min_size, vae.tile_latent_min_size = 64, 8
     with torch.no_grad():
         reference = vae.tiled_decode(z).sample
-        streamed = list(decode_rows(vae, z, "tiled"))
+        streamed = list(decoded_bands(vae, RowGroup.single(z.shape[2]), z, "tiled"))
     assert len(streamed) > 3  # really streamed in tile rows
     assert torch.equal(torch.cat(streamed, dim=2), reference)
 
@@ -63,24 +55,6 @@ def test_tiled_encode_equals_diffusers_tiled_encode(vae):
     assert (ours - untiled).abs().max() > 1e-3
 
 
-def test_group_norm_bands_merge_between_band_statistics():
-    norm = torch.nn.GroupNorm(2, 4)
-    norm.weight.data = torch.tensor([1.0, 2.0, 0.5, -1.0])
-    norm.bias.data = torch.tensor([0.0, 1.0, -1.0, 0.5])
-    x = torch.arange(4 * 12 * 5, dtype=torch.float32).reshape(1, 4, 12, 5) / 50
-    x[:, :, 6:] += 10.0  # per-band offset: wrong without the between-band term
-    merged = torch.cat(group_norm_bands(norm, list(x.split(5, dim=2))), dim=2)
-    assert torch.allclose(merged, norm(x), atol=1e-5)
-
-
-def test_conv_bands_with_halos_equal_the_full_conv():
-    conv = torch.nn.Conv2d(3, 2, 3, padding=2, dilation=2)
-    x = torch.arange(3 * 11 * 6, dtype=torch.float32).reshape(1, 3, 11, 6) / 10
-    x[:, :, 4:] -= 5.0
-    merged = torch.cat(conv_bands(conv, list(x.split(4, dim=2))), dim=2)
-    assert torch.allclose(merged, conv(x), atol=1e-5)
-
-
 def test_unknown_mode_is_refused(vae):
     with pytest.raises(ValueError, match="vae mode"):
-        list(decode_rows(vae, torch.zeros(1, 4, 8, 8), "fast"))
+        list(decoded_bands(vae, RowGroup.single(8), torch.zeros(1, 4, 8, 8), "fast"))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, MotionAdapter, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from renderer.models.tokenizer import MAX_LENGTH, build_offline_tokenizer, offline_vocab
@@ -115,3 +115,18 @@ def build_random_pipeline(spec: ArchitectureSpec, seed: int = 0) -> StableDiffus
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def build_motion_adapter(spec: ArchitectureSpec, seed: int = 1, frames: int = 32) -> MotionAdapter:
+    """AnimateDiff motion modules for `spec`'s UNet, every weight drawn from a fixed seed (`tiny-video`).
+
+    A new adapter's output projections are zero, so that it starts as the image model; here they are drawn
+    too, so that the frames really interact."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapter = MotionAdapter(block_out_channels=spec.unet_channels, motion_layers_per_block=2, motion_num_attention_heads=2,
+                                motion_norm_num_groups=spec.unet_groups, motion_max_seq_length=frames, use_motion_mid_block=True)
+        for name, parameter in adapter.named_parameters():
+            if "proj_out" in name:
+                parameter.data = torch.randn_like(parameter) * 0.1
+    return adapter

@@ -20,9 +20,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from freescale_core import FreeScaleConfig
 from renderer.errors import RenderError
 from renderer.models.builtin import SDXL, TINY, TOY, TOY_WEIGHTS, build_random_pipeline
+from renderer.models.motion import VIDEO_MODELS, add_motion, image_model
 from renderer.request import ModelGeometry
 
-BUILTIN = ("tiny", "toy", "sdxl-random")
+BUILTIN = ("tiny", "toy", "sdxl-random", *VIDEO_MODELS)
 # The toy learned its creature at one scale only: re-noised less, an upscaling stage keeps one round body and its
 # two eyes (4x, 16 seeds: two eyes in 56 % at 0.8 against 31 % at the paper's 0.3; docs/benchmarks.md).
 RECOMMENDED_RESTART_FRACTION = {"toy": 0.8}
@@ -43,9 +44,15 @@ def recommended_restart_fraction(model: str) -> float:
     return RECOMMENDED_RESTART_FRACTION.get(model, FreeScaleConfig().restart_fraction)
 
 
-def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, model_config: str | None = None) -> StableDiffusionXLPipeline:
+def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, model_config: str | None = None,
+                  motion_adapter: str | None = None) -> StableDiffusionXLPipeline:
+    """The model; with motion modules (`renderer.models.motion`) for a clip model or a `motion_adapter`."""
     diffusers_logging.set_verbosity_error()
-    pipeline = _load(model, device, model_config)
+    pipeline = _load(image_model(model), device, model_config)
+    if not isinstance(pipeline.unet, UNet2DConditionModel) or pipeline.unet.config.addition_embed_type != "text_time":
+        raise RenderError(f"--model {model} is not an SDXL-style model (its UNet has no text_time conditioning)")
+    if model in VIDEO_MODELS or motion_adapter:
+        pipeline = add_motion(pipeline, model, motion_adapter)
     vae_dtype = torch.float32 if pipeline.vae.config.force_upcast else dtype
     for name, module_dtype in (("unet", dtype), ("text_encoder", dtype), ("text_encoder_2", dtype), ("vae", vae_dtype)):
         module = getattr(pipeline, name).to(device=device, dtype=module_dtype).eval().requires_grad_(False)
@@ -55,8 +62,6 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
                 # unaligned operands differently, so own, aligned copies make every load path give equal bytes.
                 parameter.data = parameter.data.clone()
     pipeline.set_progress_bar_config(disable=True)
-    if not isinstance(pipeline.unet, UNet2DConditionModel) or pipeline.unet.config.addition_embed_type != "text_time":
-        raise RenderError(f"--model {model} is not an SDXL-style model (its UNet has no text_time conditioning)")
     return pipeline
 
 
@@ -191,8 +196,8 @@ def geometry_from_config(sample_size: int, vae_channels, unet_channels) -> Model
 def peek_geometry(model: str) -> ModelGeometry | None:
     """The model's geometry without loading weights, where its configs can be read cheaply (else None)."""
     specs = {"tiny": TINY, "toy": TOY, "sdxl-random": SDXL}
-    if model in specs:
-        spec = specs[model]
+    if image_model(model) in specs:
+        spec = specs[image_model(model)]
         return geometry_from_config(spec.sample_size, spec.vae_channels, spec.unet_channels)
     folder = Path(model)
     try:

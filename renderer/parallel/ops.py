@@ -91,22 +91,32 @@ BlockSeen = Callable[[int, torch.Tensor, torch.Tensor], None]
 def ring_attention(rows: RowGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: BlockSeen | None = None) -> torch.Tensor:
     """Exact attention of this strip's queries over the keys of all strips; (N, L, heads, d) → (N, L, heads·d).
 
-    K/V blocks travel around the ring; each partial (o, lse) is merged in fp32 with
-    o ← o − σ(lse_b − lse)(o − o_b), lse ← lse + softplus(lse_b − lse) (design §3). `seen` is shown every
-    other rank's block (scale fusion takes its window rows from them)."""
-    q, packed = q.transpose(1, 2), torch.cat([k, v], dim=-1).transpose(1, 2)  # (N, heads, L, d), (N, heads, L, 2d)
-    out = lse = None
+    `seen` is shown every other rank's block (scale fusion takes its window rows from them)."""
+    return ring_attention_bands(rows, [q], k, v, seen)[0]
+
+
+def ring_attention_bands(rows: RowGroup, queries: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                         seen: BlockSeen | None = None) -> list[torch.Tensor]:
+    """`ring_attention` for several pieces of the strip's queries (bands of rows) against its keys.
+
+    K/V blocks travel around the ring once; each piece's partial (o, lse) is merged in fp32 with
+    o ← o − σ(lse_b − lse)(o − o_b), lse ← lse + softplus(lse_b − lse) (design §3)."""
+    pieces = [q.transpose(1, 2) for q in queries]  # (N, heads, Lq, d)
+    packed = torch.cat([k, v], dim=-1).transpose(1, 2)  # (N, heads, L, 2d)
+    outs: list[torch.Tensor | None] = [None] * len(pieces)
+    lses: list[torch.Tensor | None] = [None] * len(pieces)
     for step, block in enumerate(rows.ring(packed.contiguous(), dim=2)):
         block_k, block_v = block.chunk(2, dim=-1)
         if seen is not None and step:
             seen((rows.rank - step) % rows.world, block_k, block_v)
-        block_out, block_lse = attention_with_lse(q, block_k, block_v)
-        if out is None:
-            out, lse = block_out, block_lse
-            continue
-        out = out - torch.sigmoid(block_lse - lse)[..., None] * (out - block_out)
-        lse = lse + F.softplus(block_lse - lse)
-    return out.to(q.dtype).transpose(1, 2).flatten(2)
+        for index, q in enumerate(pieces):
+            block_out, block_lse = attention_with_lse(q, block_k, block_v)
+            if outs[index] is None:
+                outs[index], lses[index] = block_out, block_lse
+                continue
+            outs[index] = outs[index] - torch.sigmoid(block_lse - lses[index])[..., None] * (outs[index] - block_out)
+            lses[index] = lses[index] + F.softplus(block_lse - lses[index])
+    return [out.to(q.dtype).transpose(1, 2).flatten(2) for out, q in zip(outs, pieces)]
 
 
 def resize(rows: RowGroup, x: torch.Tensor, target: StripLayout, width: int) -> torch.Tensor:

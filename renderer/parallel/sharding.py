@@ -1,8 +1,8 @@
-"""Run an unmodified diffusers UNet or VAE on a row strip: `with sharding(model, rows): model(strip)`.
+"""Run an unmodified diffusers UNet on a row strip: `with sharding(unet, rows): unet(strip)`.
 
 Inside the context every module that reaches across rows is redirected to its exchanging version in
-`renderer.parallel.ops`: 3×3 convs (plain, dilated, strided, after nearest upsampling), GroupNorms, the VAE
-encoder's asymmetrically padded downsamplers and every self-attention. FreeScale's own cross-strip
+`renderer.parallel.ops`: 3×3 convs (plain, dilated, strided, after nearest upsampling), GroupNorms and every
+self-attention. (The VAE runs in bands instead: `renderer.parallel.banded_vae`.) FreeScale's own cross-strip
 operations (scale fusion's windows, global attention and blur; FreeU's Fourier filter) come in through
 `sharded_backend`, which `freescale_mode` installs per call like the single-process processors.
 """
@@ -16,12 +16,12 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
-from diffusers.models.downsampling import Downsample2D
 from torch import nn
 
 from renderer.parallel import ops
 from renderer.parallel.strips import RowGroup, Span, StripLayout
-from freescale_core.attention import ScaleFusionProcessor, StageGeometry, local_attention, project, strided_global_attention
+from freescale_core.attention import (ScaleFusionProcessor, StageGeometry, grid_then_zero_token, local_attention, project,
+                                      strided_global_attention)
 from freescale_core.blur import kernel_size
 from freescale_core.mode import LOCAL, Backend
 from freescale_core.windows import WindowPlan
@@ -55,61 +55,53 @@ class ShardedScaleFusion(ScaleFusionProcessor):
         return spans, [views for views in groups if len(views)]
 
     def windows_on_slab(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, window: tuple[int, int],
-                        groups: list[torch.Tensor], slab: Span, own: Span, width: int) -> torch.Tensor:
-        """The strip's own rows of the window attention, from q/k/v (B, rows, padded W, heads, d) of the
-        slab's rows."""
-        pad_w = plan.cols.jitter
-        local = local_attention(*(t.flatten(1, 2) for t in (q, k, v)), plan, window, groups, slab[0] + plan.rows.jitter)
-        rows = local.unflatten(1, q.shape[1:3])[:, own[0] - slab[0] : own[1] - slab[0], pad_w : pad_w + width]
-        return rows.flatten(1, 2)
+                        groups: list[torch.Tensor], slab: Span, held: Span, own: Span, width: int) -> torch.Tensor:
+        """The strip's own rows of the window attention over the `slab` rows its windows cover, from q/k/v
+        (B, tokens, heads, d) of the image's `held` rows of the slab and one zero token after them."""
+        token_of = grid_then_zero_token(plan, slab, held)
+        local = local_attention(q, k, v, plan, window, groups, slab[0] + plan.rows.jitter, token_of)
+        return own_rows(local, held, own, width)
 
     def branches(self, attn: Attention, hidden: torch.Tensor, plan: WindowPlan, window: tuple[int, int]):
-        """Global attention around the ring; the windows take the K/V rows they need from the blocks that pass
-        (the padding's K/V is the projection of a zero token), so no rows are fetched for them. Queries
-        outside the strip are left zero: their outputs are dropped, and no other row depends on them."""
+        """Global attention around the ring; the windows take the K/V rows they need from the blocks that pass,
+        so no rows are fetched for them. Queries outside the strip are left zero: their outputs are dropped,
+        and no other row depends on them."""
         if self.geometry.fast_mode:  # the ring passes sub-grids there, not rows
             return super().branches(attn, hidden, plan, window)
         batch, rows, width, channels = hidden.shape
         layout = self.rows.layout_for(rows)
         spans, groups = self.window_rows(plan, window, layout)
         slab, own = spans[self.rows.rank], layout.span(self.rows.rank)
+        held = (max(0, slab[0]), min(layout.height, slab[1]))
         q, k, v = project(attn, hidden.flatten(1, 2))
-        heads, head_dim = q.shape[2:]
         _, zero_k, zero_v = project(attn, hidden.new_zeros(1, 1, channels))
-        pad_w = plan.cols.jitter
-        shape = (batch, slab[1] - slab[0], width + 2 * pad_w, heads, head_dim)
-        slab_q = q.new_zeros(shape)
-        slab_k, slab_v = (zero.view(1, 1, 1, heads, head_dim).expand(shape).clone() for zero in (zero_k, zero_v))
+        tokens = (held[1] - held[0]) * width
+        slab_q, slab_k, slab_v = (q.new_zeros(batch, tokens + 1, *q.shape[2:]) for _ in range(3))
+        slab_k[:, tokens], slab_v[:, tokens] = zero_k[0, 0], zero_v[0, 0]
 
         def place(targets: tuple[torch.Tensor, ...], sources: tuple[torch.Tensor, ...], span: Span) -> None:
-            """The slab's rows among `span`'s, from `sources` (B, tokens, heads, d) holding rows `span`."""
-            start, stop = max(span[0], slab[0]), min(span[1], slab[1])
+            """The held rows among `span`'s, from `sources` (B, tokens, heads, d) holding rows `span`."""
+            start, stop = max(span[0], held[0]), min(span[1], held[1])
             for target, source in zip(targets, sources if start < stop else ()):
-                rows_of_source = source.unflatten(1, (-1, width))[:, start - span[0] : stop - span[0]]
-                target[:, start - slab[0] : stop - slab[0], pad_w : pad_w + width] = rows_of_source
+                target[:, (start - held[0]) * width : (stop - held[0]) * width] = source[:, (start - span[0]) * width : (stop - span[0]) * width]
 
         place((slab_q, slab_k, slab_v), (q, k, v), own)
         global_ = ops.ring_attention(self.rows, q, k, v, seen=lambda source, block_k, block_v: place(
             (slab_k, slab_v), (block_k.transpose(1, 2), block_v.transpose(1, 2)), layout.span(source)))
-        return self.windows_on_slab(slab_q, slab_k, slab_v, plan, window, groups, slab, own, width), global_
+        return self.windows_on_slab(slab_q, slab_k, slab_v, plan, window, groups, slab, held, own, width), global_
 
     def local_branch(self, attn: Attention, hidden: torch.Tensor, plan: WindowPlan, window: tuple[int, int]):
-        """Every window that touches this strip, computed whole from the rows it covers (fetched from their
-        owners, zeros in the padding); only the strip's own rows of the result are kept. (Fast mode; other
-        steps take the rows from the ring, see `branches`.)"""
-        pad_w = plan.cols.jitter
+        """Every window that touches this strip, computed whole from the image rows it covers (fetched from their
+        owners; the padding is the zero token's, as in one process); only the strip's own rows of the result
+        are kept. (Fast mode; other steps take the rows from the ring, see `branches`.)"""
         layout = self.rows.layout_for(hidden.shape[1])
         spans, groups = self.window_rows(plan, window, layout)
-        slab = F.pad(self.rows.fetch(hidden, 1, spans, "window"), (0, 0, pad_w, pad_w))
-        q, k, v = project(attn, slab.flatten(1, 2))
-        own, span = layout.span(self.rows.rank), spans[self.rows.rank]
-        grids = [t.unflatten(1, slab.shape[1:3]) for t in (q, k, v)]
-        local = self.windows_on_slab(*grids, plan, window, groups, span, own, hidden.shape[2])
-
-        def own_rows(grid: torch.Tensor) -> torch.Tensor:
-            return grid[:, own[0] - span[0] : own[1] - span[0], pad_w : pad_w + hidden.shape[2]].flatten(1, 2)
-
-        return local, tuple(own_rows(grid) for grid in grids)
+        held_spans = [(max(0, start), min(layout.height, stop)) for start, stop in spans]
+        held, own, width = held_spans[self.rows.rank], layout.span(self.rows.rank), hidden.shape[2]
+        held_rows = self.rows.fetch(hidden, 1, held_spans, "window")
+        q, k, v = project(attn, F.pad(held_rows.flatten(1, 2), (0, 0, 0, 1)))
+        local = self.windows_on_slab(q, k, v, plan, window, groups, spans[self.rows.rank], held, own, width)
+        return local, tuple(own_rows(t, held, own, width) for t in (q, k, v))
 
     def strided_global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return strided_global_attention(q, k, v, grid, self.geometry.scale, partial(ops.ring_attention, self.rows))
@@ -118,9 +110,15 @@ class ShardedScaleFusion(ScaleFusionProcessor):
         return ops.blur(self.rows, grid, self.geometry.fusion_blur, kernel_size(self.geometry.scale))
 
 
+def own_rows(tokens: torch.Tensor, held: Span, own: Span, width: int) -> torch.Tensor:
+    """The `own` rows of (B, tokens, ...) laid out as the grid's `held` rows then one zero token."""
+    grid = tokens[:, :-1].unflatten(1, (held[1] - held[0], width))
+    return grid[:, own[0] - held[0] : own[1] - held[0]].flatten(1, 2)
+
+
 class ShardedSelfAttention:
-    """Plain self-attention over all strips: the VAE's mid-block attention, and the UNet's `attn1` when scale
-    fusion is off. Follows diffusers' AttnProcessor2_0 for what these modules use."""
+    """Plain self-attention over all strips: the UNet's `attn1` when scale fusion is off. Follows diffusers'
+    AttnProcessor2_0 for what these modules use."""
 
     def __init__(self, rows: RowGroup):
         self.rows = rows
@@ -154,14 +152,9 @@ def sharded_backend(rows: RowGroup) -> Backend:
     )
 
 
-def padded_downsample(rows: RowGroup, module: Downsample2D, x: torch.Tensor) -> torch.Tensor:
-    """The VAE encoder's downsampler pads one zero column right and one zero row at the image bottom only."""
-    return ops.conv(rows, module.conv, F.pad(x, (0, 1, 0, 0)), pad_top=0)
-
-
 @contextmanager
 def sharding(model: nn.Module, rows: RowGroup) -> Iterator[None]:
-    """Make `model` (a UNet, a VAE or any part) compute on this rank's strip; restored exactly on exit.
+    """Make `model` (a UNet or any part) compute on this rank's strip; restored exactly on exit.
 
     A group of one holds the whole tensor: the model runs unchanged."""
     if rows.world == 1:
@@ -169,15 +162,15 @@ def sharding(model: nn.Module, rows: RowGroup) -> Iterator[None]:
         return
     patched: list[nn.Module] = []
     processors: dict[Attention, object] = {}
+    # A motion UNet's temporal attention attends along the frames at each pixel: row-local, left as it is.
+    temporal = {module for name, module in model.named_modules() if "motion_modules" in name}
     try:
         for module in model.modules():
-            if isinstance(module, Downsample2D) and module.use_conv and module.padding == 0 and module.norm is None:
-                module.forward = partial(padded_downsample, rows, module)
-            elif isinstance(module, nn.Conv2d) and (module.kernel_size[0] > 1 or module.stride[0] > 1):
+            if isinstance(module, nn.Conv2d) and (module.kernel_size[0] > 1 or module.stride[0] > 1):
                 module.forward = partial(ops.conv, rows, module)
             elif isinstance(module, nn.GroupNorm):
                 module.forward = partial(ops.group_norm, rows, module)
-            elif isinstance(module, Attention) and not module.is_cross_attention:
+            elif isinstance(module, Attention) and not module.is_cross_attention and module not in temporal:
                 processors[module] = module.processor
                 module.processor = ShardedSelfAttention(rows)
                 continue

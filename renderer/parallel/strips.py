@@ -22,9 +22,9 @@ import torch.distributed as dist
 Span = tuple[int, int]  # [start, stop) in global rows
 
 # Bytes this process has received, by purpose: row fetches are labelled by their caller ("conv", "window",
-# "blur", "vae", "guidance"), "ring" counts K/V blocks, "sum" all-reduced statistics (counted once at their
-# size), "guidance" also the partner's prediction of a guidance split (`renderer.parallel.guidance`), "handoff"
-# the latents of the stages rank 0 ran alone (`hand_over`). Read by the benchmarks and the metrics.
+# "blur", "vae", "guidance"; "vae" also counts the banded VAE's halos, `edges`), "ring" counts K/V blocks,
+# "sum" all-reduced statistics (counted once at their size), "guidance" also the partner's prediction of a
+# guidance split (`renderer.parallel.guidance`), "handoff" the latents of the stages rank 0 ran alone (`hand_over`). Read by the benchmarks and the metrics.
 received_bytes: dict[str, int] = defaultdict(int)
 
 
@@ -149,6 +149,28 @@ class RowGroup:
         if covered != want_stop - want_start:
             raise RuntimeError(f"rows {want_start}:{want_stop} were not all delivered ({covered} rows)")
         return torch.cat([pieces[start] for start in sorted(pieces)], dim=dim)
+
+    def edges(self, first: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The rows just above and just below this rank's strip, from its neighbours: each rank passes its own
+        `first` rows (sent up, as the rank above's rows below) and `last` rows (sent down), (B, C, rows, W).
+        None at the image's edges, and for empty halos. (The banded VAE's halos: counted as "vae".)"""
+        above = below = None
+        operations = []
+        if self.rank > 0 and last.shape[2]:  # the rank above's last rows: as many as this rank sends down
+            above = self._wire(last.new_empty(last.shape))
+            operations.append(dist.P2POp(dist.irecv, above, group=self.group, group_peer=self.rank - 1))
+        if self.rank > 0 and first.shape[2]:
+            operations.append(dist.P2POp(dist.isend, self._wire(first.contiguous()), group=self.group, group_peer=self.rank - 1))
+        if self.rank + 1 < self.world and first.shape[2]:
+            below = self._wire(first.new_empty(first.shape))
+            operations.append(dist.P2POp(dist.irecv, below, group=self.group, group_peer=self.rank + 1))
+        if self.rank + 1 < self.world and last.shape[2]:
+            operations.append(dist.P2POp(dist.isend, self._wire(last.contiguous()), group=self.group, group_peer=self.rank + 1))
+        for request in dist.batch_isend_irecv(operations) if operations else []:
+            request.wait()
+        received = [edge for edge in (above, below) if edge is not None]
+        received_bytes["vae"] += sum(edge.numel() * edge.element_size() for edge in received)
+        return tuple(None if edge is None else edge.to(first.device) for edge in (above, below))
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over all ranks (a new tensor; `x` is left alone)."""

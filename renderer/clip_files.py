@@ -1,0 +1,98 @@
+"""A clip's files: an H.264 MP4 a person can play, its lossless frames as one multi-page TIFF a studio can grade,
+a small animated GIF preview and the sidecar. Each appears complete or not at all.
+
+The MP4 is written by FFmpeg's library through PyAV (libx264, yuv420p, `--crf`). Frames larger than H.264's
+highest level takes are downscaled for the MP4 only, with one line saying so; the TIFF keeps them whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import tifffile
+import torch
+from PIL import Image
+
+from renderer.memory import peak_memory
+from renderer.outputs import atomic_path, sidecar_path, write_json
+
+log = logging.getLogger("freescale_poster")
+
+# H.264 level 6.2: at most 139,264 macroblocks of 16x16 pixels a frame; and 8192 pixels a side, which players take.
+H264_MAX_SAMPLES = 139_264 * 256
+H264_MAX_SIDE = 8192
+PREVIEW_SIDE = 256
+
+
+def frames_path(out: Path) -> Path:
+    return Path(out).with_suffix(".frames.tif")
+
+
+def preview_path(out: Path) -> Path:
+    return Path(out).with_suffix(".preview.gif")
+
+
+def mp4_size(width: int, height: int) -> tuple[int, int]:
+    """The frame size the MP4 gets: halved until H.264 takes it, and even, as yuv420p needs."""
+    while width * height > H264_MAX_SAMPLES or max(width, height) > H264_MAX_SIDE:
+        width, height = width // 2, height // 2
+    return width - width % 2, height - height % 2
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: float, crf: int, size: tuple[int, int]) -> None:
+    import av  # PyAV: FFmpeg's encoders and muxers; imported here, so that still images never load it
+    from fractions import Fraction
+
+    with atomic_path(path) as temporary, av.open(str(temporary), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for pixels in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            if (frame.width, frame.height) != size:
+                frame = frame.reformat(width=size[0], height=size[1])
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def write_frames_tiff(path: Path, frames: np.ndarray, metadata: dict) -> None:
+    """Every frame losslessly (deflate), one page each, the render's parameters in the first page's description."""
+    with atomic_path(path) as temporary:
+        tifffile.imwrite(temporary, frames, photometric="rgb", compression="zlib", metadata=None,
+                         description=json.dumps(metadata, sort_keys=True), software="freescale-poster")
+
+
+def write_preview(path: Path, frames: np.ndarray, fps: float) -> None:
+    pictures = []
+    for pixels in frames:
+        picture = Image.fromarray(pixels)
+        picture.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+        pictures.append(picture)
+    with atomic_path(path) as temporary:
+        pictures[0].save(temporary, format="GIF", save_all=True, append_images=pictures[1:], duration=round(1000 / fps), loop=0)
+
+
+def write_clip(request, result, bands: Iterable[np.ndarray], started: float, device: torch.device) -> list[Path]:
+    """The clip's files from the final rows of every frame, (frames, rows, W, 3) bands top to bottom."""
+    frames = np.concatenate(list(bands), axis=1)
+    out = Path(request.out)
+    height, width = frames.shape[1:3]
+    size = mp4_size(width, height)
+    if size != (width, height):
+        log.warning("%s: H.264 takes at most %d pixels a side and %d a frame; the MP4 is %dx%d, %s keeps %dx%d",
+                    out, H264_MAX_SIDE, H264_MAX_SAMPLES, *size, frames_path(out).name, width, height)
+    result.metadata["clip"] = {"frames": len(frames), "fps": request.fps, "crf": request.crf, "mp4_size": list(size),
+                               "frames_tiff": frames_path(out).name, "preview": preview_path(out).name}
+    write_frames_tiff(frames_path(out), frames, result.metadata)
+    write_mp4(out, frames, request.fps, request.crf, size)
+    write_preview(preview_path(out), frames, request.fps)
+    result.metadata["seconds"]["total"] = time.perf_counter() - started
+    result.metadata["peak_bytes"] = peak_memory(device)
+    write_json(sidecar_path(out), result.metadata)
+    return [frames_path(out), out, preview_path(out), sidecar_path(out)]

@@ -1,0 +1,77 @@
+"""Motion modules (AnimateDiff's) on an SDXL-style UNet: what makes a model render clips.
+
+`tiny-video` is the tiny model with a seeded random adapter. Any other model takes `--motion-adapter`: a
+diffusers MotionAdapter folder (safetensors) or a hub id. The adapter's temporal attention runs between
+the UNet's spatial layers and attends along the frames at each pixel (`diffusers.UNetMotionModel`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import MotionAdapter, UNetMotionModel
+
+from renderer.errors import RenderError
+from renderer.models.builtin import TINY, build_motion_adapter
+
+VIDEO_MODELS = {"tiny-video": "tiny"}  # a built-in clip model -> the image model its adapter extends
+
+
+def image_model(model: str) -> str:
+    return VIDEO_MODELS.get(model, model)
+
+
+def adapter_config(model: str, motion_adapter: str | None) -> dict | None:
+    """The adapter's config without its weights (built in, or a folder's config.json); None for a hub id."""
+    if model in VIDEO_MODELS:
+        with torch.device("meta"):
+            return dict(build_motion_adapter(TINY).config)
+    folder = Path(motion_adapter) if motion_adapter else None
+    if folder is not None and folder.is_dir():
+        try:
+            return json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError) as error:
+            raise RenderError(f"--motion-adapter {motion_adapter}: its config.json cannot be read ({error}); give a "
+                              "diffusers MotionAdapter folder (save_pretrained)") from None
+    return None
+
+
+def check_adapter(config: dict, unet_channels, frames: int, name: str) -> None:
+    """The adapter must be made for this UNet's widths, and have a position for every frame."""
+    channels = tuple(config["block_out_channels"])
+    if channels != tuple(unet_channels):
+        raise RenderError(f"--motion-adapter {name}: its block_out_channels {list(channels)} do not match the UNet's "
+                          f"{list(unet_channels)}; use an adapter made for this model (an SDXL adapter for SDXL)")
+    positions = config["motion_max_seq_length"]
+    if frames > positions:
+        raise RenderError(f"--frames {frames} exceeds the motion adapter's {positions} frame positions; use at most {positions}")
+
+
+def add_motion(pipeline, model: str, motion_adapter: str | None):
+    """`pipeline` with its UNet turned into a motion UNet (the image UNet's weights kept)."""
+    name = motion_adapter or model
+    if model in VIDEO_MODELS:
+        adapter = build_motion_adapter(TINY)
+    else:
+        try:
+            adapter = MotionAdapter.from_pretrained(motion_adapter, use_safetensors=True)
+        except Exception as error:  # diffusers raises many types; the user needs one line
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RenderError(f"--motion-adapter {motion_adapter} could not be loaded: {first_line}") from error
+    check_adapter(adapter.config, pipeline.unet.config.block_out_channels, 1, name)
+    image_unet = pipeline.unet
+    pipeline.unet = UNetMotionModel.from_unet2d(image_unet, adapter)
+    # diffusers' from_unet2d (0.42) leaves some of the image UNet's weights at a random init (SDXL's add_embedding,
+    # the text_time conditioning): load every one of them by name.
+    unplaced = pipeline.unet.load_state_dict(image_unet.state_dict(), strict=False).unexpected_keys
+    if unplaced:
+        raise RenderError(f"--model {model}: its UNet's weights {unplaced[:3]} have no place in the motion UNet; "
+                          "use an SDXL-style model with an adapter made for it")
+    return pipeline
+
+
+def max_frames(unet) -> int:
+    """Frames a motion UNet can attend over at once (its adapter's positions); 0 for an image UNet."""
+    return unet.config.get("motion_max_seq_length", 0) if isinstance(unet, UNetMotionModel) else 0
