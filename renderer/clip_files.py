@@ -61,10 +61,11 @@ def write_mp4(path: Path, frames: np.ndarray, fps: float, crf: int, size: tuple[
         container.mux(stream.encode(None))
 
 
-def write_frames_tiff(path: Path, frames: np.ndarray, metadata: dict) -> None:
-    """Every frame losslessly (deflate), one page each, the render's parameters in the first page's description."""
+def write_frames_tiff(path: Path, frames: np.ndarray, metadata: dict, tile: int) -> None:
+    """Every frame losslessly (deflate, `tile`² tiles), one page each, the render's parameters in the first page's
+    description (`freescale-render inspect` reads it and decodes every tile)."""
     with atomic_path(path) as temporary:
-        tifffile.imwrite(temporary, frames, photometric="rgb", compression="zlib", metadata=None,
+        tifffile.imwrite(temporary, frames, photometric="rgb", compression="zlib", tile=(tile, tile), metadata=None,
                          description=json.dumps(metadata, sort_keys=True), software="freescale-poster")
 
 
@@ -89,7 +90,7 @@ def write_clip(request, result, bands: Iterable[np.ndarray], started: float, dev
                     out, H264_MAX_SIDE, H264_MAX_SAMPLES, *size, frames_path(out).name, width, height)
     result.metadata["clip"] = {"frames": len(frames), "fps": request.fps, "crf": request.crf, "mp4_size": list(size),
                                "frames_tiff": frames_path(out).name, "preview": preview_path(out).name}
-    write_frames_tiff(frames_path(out), frames, result.metadata)
+    write_frames_tiff(frames_path(out), frames, result.metadata, request.tile_size)
     write_mp4(out, frames, request.fps, request.crf, size)
     write_preview(preview_path(out), frames, request.fps)
     result.metadata["seconds"]["total"] = time.perf_counter() - started

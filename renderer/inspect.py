@@ -1,4 +1,4 @@
-"""`freescale-render inspect FILE.tif`: describe a written poster and check that every tile decodes."""
+"""`freescale-render inspect FILE.tif`: describe a written poster (or a clip's frames) and check that every tile decodes."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ def levels(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
     """Level 0 and its reductions, whichever layout (page chain or SubIFDs) was used."""
     series = tif.series[0]
     return [level.keyframe for level in series.levels]
+
+
+def every_page(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
+    """Every page of every level: one per level for a poster, one per frame for a clip's frames."""
+    return [page for level in tif.series[0].levels for page in level.pages]
 
 
 def check_tiles(page: tifffile.TiffPage) -> int:
@@ -40,6 +45,10 @@ def check_tiles(page: tifffile.TiffPage) -> int:
 
 
 def describe(path: Path) -> dict:
+    if Path(path).suffix.lower() == ".mp4":
+        from renderer.clip_files import frames_path
+
+        raise RenderError(f"{path} is a clip; inspect its lossless frames instead: {frames_path(path)}")
     try:
         tif = tifffile.TiffFile(path)
     except (OSError, tifffile.TiffFileError) as error:
@@ -57,7 +66,7 @@ def describe(path: Path) -> dict:
             "tile": f"{first.tilewidth}x{first.tilelength}", "compression": first.compression.name,
             "dpi": first.get_resolution()[0] if first.tags.get("XResolution") else None,
             "software": first.software, "prompt": read_xmp_prompt(path), "parameters": parameters,
-            "tiles_checked": sum(check_tiles(page) for page in pages),
+            "frames": len(tif.series[0].levels[0].pages), "tiles_checked": sum(check_tiles(page) for page in every_page(tif)),
         }
     return report
 

@@ -17,6 +17,7 @@ from PIL import Image
 from renderer import RenderRequest, render
 from renderer.cli import main
 from renderer.errors import RenderError
+from renderer.inspect import describe
 from renderer.clip_files import frames_path, mp4_size, preview_path
 from renderer.models import load_pipeline
 from renderer.stages import Conditioning, fresh_scheduler, predict_noise
@@ -41,6 +42,8 @@ def test_a_clip_gives_an_mp4_lossless_frames_a_preview_and_a_sidecar(video_pipel
         assert (stream.codec_context.name, stream.codec_context.pix_fmt, stream.average_rate) == ("h264", "yuv420p", 12)
     assert [frame.shape for frame in decoded] == [(512, 512, 3)] * 2
     assert np.array_equal(tifffile.imread(frames_path(out)), result.image)  # the written frames are the rendered ones
+    report = describe(frames_path(out))  # `freescale-render inspect`: every tile of every frame decodes
+    assert report["frames"] == 2 and report["tiles_checked"] == 2 and report["parameters"]["render_id"]
     with Image.open(preview_path(out)) as preview:
         assert preview.n_frames == 2 and max(preview.size) == 256
     sidecar = json.loads(out.with_suffix(".json").read_text())
