@@ -4,6 +4,9 @@ reproducible, resumable, sharded like posters, and bad input refused in one line
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -21,7 +24,7 @@ from renderer.inspect import describe
 from renderer.clip_files import frames_path, mp4_size, preview_path
 from renderer.models import load_pipeline
 from renderer.stages import Conditioning, fresh_scheduler, predict_noise
-from test_resume import StopAt, Stopped
+from test_resume import StopAt, Stopped, checkpoints, run_cli, wait_for
 
 CLIP = dict(prompt="a red kite", seed=5, stages=((256, 256), (512, 512)), steps=3, model="tiny-video", frames=2, fps=12.0)
 
@@ -151,3 +154,23 @@ def test_the_motion_unet_keeps_every_weight_of_the_image_unet():
     motion = load_pipeline("tiny-video").unet.state_dict()
     assert all(torch.equal(motion[name], weight) for name, weight in image.items())
     assert any(name.startswith("add_embedding") for name in image)
+
+
+@pytest.mark.timeout(600)
+def test_a_clip_stopped_by_sigterm_resumes_to_the_same_bytes(tmp_path):
+    """`freescale-render` stopped by SIGTERM in the middle of the upscaling stage, then run again: the same MP4 and
+    frames, byte for byte, as a render that was never stopped."""
+    args = ["--model", "tiny-video", "--prompt", "a red kite", "--seed", "5", "--frames", "2", "--stages", "256x256,512x512",
+            "--steps", "8", "--checkpoint-every-steps", "1", "--quiet"]
+    whole = tmp_path / "whole.mp4"
+    assert subprocess.run([sys.executable, "-m", "renderer.cli", *args, "--out", str(whole)], capture_output=True).returncode == 0
+    out, folder = tmp_path / "resumed.mp4", tmp_path / "resumed.mp4.checkpoints"
+    first = run_cli([*args, "--out", str(out)])
+    wait_for(lambda: any(name.startswith("stage01-step0003") for name in checkpoints(folder)), first)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(60) != 0 and not out.exists()
+    second = run_cli([*args, "--out", str(out)])
+    assert second.wait(300) == 0, second.stderr.read()
+    assert json.loads(out.with_suffix(".json").read_text())["resumed_from"]["stage"] == 1
+    assert out.read_bytes() == whole.read_bytes()
+    assert np.array_equal(tifffile.imread(frames_path(out)), tifffile.imread(frames_path(whole)))
