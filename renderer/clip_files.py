@@ -1,5 +1,6 @@
 """A clip's files: an H.264 MP4 a person can play, its lossless frames as one multi-page TIFF a studio can grade,
-a small animated GIF preview and the sidecar. Each appears complete or not at all.
+a small animated GIF preview, the stages as GIFs (--save-stages) and the sidecar. Each appears complete or not
+at all.
 
 The MP4 is written by FFmpeg's library through PyAV (libx264, yuv420p, `--crf`). Frames larger than H.264's
 highest level takes are downscaled for the MP4 only, with one line saying so; the TIFF keeps them whole.
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 
 from renderer.memory import peak_memory
-from renderer.outputs import atomic_path, sidecar_path, write_json
+from renderer.outputs import atomic_path, sidecar_path, stage_path, write_json
 
 log = logging.getLogger("freescale_poster")
 
@@ -69,20 +70,27 @@ def write_frames_tiff(path: Path, frames: np.ndarray, metadata: dict, tile: int)
                          description=json.dumps(metadata, sort_keys=True), software="freescale-poster")
 
 
-def write_preview(path: Path, frames: np.ndarray, fps: float) -> None:
+def write_animation(path: Path, frames: np.ndarray, fps: float, side: int | None = None) -> None:
+    """An animated GIF of `frames`, each shrunk to at most `side` pixels a side if given."""
     pictures = []
     for pixels in frames:
         picture = Image.fromarray(pixels)
-        picture.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+        if side is not None:
+            picture.thumbnail((side, side))
         pictures.append(picture)
     with atomic_path(path) as temporary:
         pictures[0].save(temporary, format="GIF", save_all=True, append_images=pictures[1:], duration=round(1000 / fps), loop=0)
 
 
 def write_clip(request, result, bands: Iterable[np.ndarray], started: float, device: torch.device) -> list[Path]:
-    """The clip's files from the final rows of every frame, (frames, rows, W, 3) bands top to bottom."""
-    frames = np.concatenate(list(bands), axis=1)
+    """The clip's files from the final rows of every frame, (frames, rows, W, 3) bands top to bottom; with
+    --save-stages, every stage before the last as an animated GIF at its size."""
     out = Path(request.out)
+    written = []
+    for index, (size, stage_frames) in enumerate(zip(result.stages, result.stage_images)):
+        written.append(stage_path(out, index, size).with_suffix(".gif"))
+        write_animation(written[-1], stage_frames, request.fps)
+    frames = np.concatenate(list(bands), axis=1)
     height, width = frames.shape[1:3]
     size = mp4_size(width, height)
     if size != (width, height):
@@ -92,8 +100,8 @@ def write_clip(request, result, bands: Iterable[np.ndarray], started: float, dev
                                "frames_tiff": frames_path(out).name, "preview": preview_path(out).name}
     write_frames_tiff(frames_path(out), frames, result.metadata, request.tile_size)
     write_mp4(out, frames, request.fps, request.crf, size)
-    write_preview(preview_path(out), frames, request.fps)
+    write_animation(preview_path(out), frames, request.fps, PREVIEW_SIDE)
     result.metadata["seconds"]["total"] = time.perf_counter() - started
     result.metadata["peak_bytes"] = peak_memory(device)
     write_json(sidecar_path(out), result.metadata)
-    return [frames_path(out), out, preview_path(out), sidecar_path(out)]
+    return [*written, frames_path(out), out, preview_path(out), sidecar_path(out)]

@@ -38,7 +38,7 @@ class Outcome:
         stages = sorted({stage for result in results for stage in result.seconds})
         return cls(
             latents=torch.cat([result.latents for result in results], dim=2),
-            stage_images={stage: np.concatenate([r.stage_pixels[stage] for r in results if stage in r.stage_pixels], axis=0)
+            stage_images={stage: np.concatenate([r.stage_pixels[stage] for r in results if stage in r.stage_pixels], axis=-3)
                           for stage in sorted({stage for r in results for stage in r.stage_pixels})},
             stage_seconds={stage: max(r.seconds[stage] for r in results if stage in r.seconds) for stage in stages},
             ranks=results,

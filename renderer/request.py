@@ -259,10 +259,9 @@ def check_clip(request: RenderRequest) -> None:
         raise RenderError(f"--fps {request.fps} must be a positive number of frames per second, e.g. 8")
     if isinstance(request.crf, bool) or not isinstance(request.crf, int) or not 0 <= request.crf <= 51:
         raise RenderError(f"--crf {request.crf}: use a whole number from 0 (lossless) to 51 (smallest); 18 looks lossless")
-    for given, option in ((request.image, "--image"), (request.save_stages, "--save-stages")):
-        if given:
-            raise RenderError(f"--frames {request.frames} with {option}: clips start from the prompt and keep their final "
-                              f"frames only, for now; drop {option}")
+    if request.image:
+        raise RenderError(f"--frames {request.frames} with --image {request.image}: clips start from the prompt, for now; "
+                          "drop --image")
 
 
 def check_codec(compression: str) -> None:

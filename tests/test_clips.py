@@ -36,7 +36,7 @@ def video_pipeline():
 
 def test_a_clip_gives_an_mp4_lossless_frames_a_preview_and_a_sidecar(video_pipeline, tmp_path):
     out = tmp_path / "clip.mp4"
-    result = render(RenderRequest(**CLIP, out=out), pipeline=video_pipeline, progress=False)
+    result = render(RenderRequest(**CLIP, out=out, save_stages=True), pipeline=video_pipeline, progress=False)
     assert result.image.shape == (2, 512, 512, 3)
     assert np.abs(result.image[1].astype(int) - result.image[0]).mean() > 1  # two frames, not one twice
     with av.open(str(out)) as container:
@@ -49,6 +49,8 @@ def test_a_clip_gives_an_mp4_lossless_frames_a_preview_and_a_sidecar(video_pipel
     assert report["frames"] == 2 and report["tiles_checked"] == 2 and report["parameters"]["render_id"]
     with Image.open(preview_path(out)) as preview:
         assert preview.n_frames == 2 and max(preview.size) == 256
+    with Image.open(tmp_path / "clip.stage0-256x256.gif") as stage:  # --save-stages: the base stage's frames
+        assert stage.n_frames == 2 and stage.size == (256, 256)
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["clip"]["frames"] == 2 and sidecar["request"]["frames"] == 2 and sidecar["clip"]["mp4_size"] == [512, 512]
 
@@ -114,16 +116,19 @@ def wrong_adapter(folder: Path) -> str:
     ({"--model": "tiny"}, "--model tiny renders still images; use a motion model"),
     ({"--model": "tiny", "--motion-adapter": "WRONG"}, "do not match the UNet's [32, 64, 128]"),
     ({"--out": "clip.tif"}, "a clip (--frames 2) is written as an H.264 video; name it *.mp4"),
-    ({"--save-stages": None}, "clips start from the prompt and keep their final frames only"),
+    ({"--image": "IMAGE"}, "clips start from the prompt, for now; drop --image"),
     ({"--fps": "0"}, "--fps 0.0 must be a positive number"),
     ({"--crf": "60"}, "--crf 60: use a whole number from 0"),
 ])
 def test_bad_clip_input_is_one_line_and_writes_nothing(tmp_path, capsys, changes, message):
     options = {"--model": "tiny-video", "--prompt": "a kite", "--frames": "2", "--size": "512x512", "--out": "clip.mp4", **changes}
+    if options.get("--image") == "IMAGE":
+        Image.new("RGB", (256, 256)).save(tmp_path / "start.png")
+        options["--image"] = str(tmp_path / "start.png")
     if options.get("--motion-adapter") == "WRONG":
         options["--motion-adapter"] = wrong_adapter(tmp_path / "adapter")
     options["--out"] = str(tmp_path / options["--out"])
-    assert main([item for pair in options.items() for item in pair if item is not None]) == 2
+    assert main([item for pair in options.items() for item in pair]) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
     assert not list(tmp_path.glob("clip*"))
