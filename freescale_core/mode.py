@@ -31,13 +31,17 @@ class Backend:
 LOCAL = Backend()
 
 
-def self_attentions(unet: nn.Module) -> list[Attention]:
-    """Every spatial transformer block's `attn1`, in module order (the order keys the window-jitter streams).
+def temporal_modules(unet: nn.Module) -> set[nn.Module]:
+    """Every module inside a motion UNet's (AnimateDiff's) `motion_modules`: they attend along the frames at each
+    pixel, and FreeScale leaves them as the model has them. Empty for an image UNet."""
+    return {module for name, module in unet.named_modules() if "motion_modules" in name}
 
-    A motion UNet's (AnimateDiff's) temporal attention, in its `motion_modules`, attends along the frames at
-    each pixel and is left as the model has it."""
+
+def self_attentions(unet: nn.Module) -> list[Attention]:
+    """Every spatial transformer block's `attn1`, in module order (the order keys the window-jitter streams)."""
+    temporal = temporal_modules(unet)
     return [module for name, module in unet.named_modules()
-            if name.endswith("attn1") and isinstance(module, Attention) and "motion_modules" not in name]
+            if name.endswith("attn1") and isinstance(module, Attention) and module not in temporal]
 
 
 def train_px(unet: nn.Module, vae_scale: int = 8) -> int:

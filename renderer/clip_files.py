@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
 
@@ -47,7 +48,6 @@ def mp4_size(width: int, height: int) -> tuple[int, int]:
 
 def write_mp4(path: Path, frames: np.ndarray, fps: float, crf: int, size: tuple[int, int]) -> None:
     import av  # PyAV: FFmpeg's encoders and muxers; imported here, so that still images never load it
-    from fractions import Fraction
 
     with atomic_path(path) as temporary, av.open(str(temporary), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))

@@ -57,15 +57,11 @@ def model_shape(model: str) -> ModelShape | None:
     or a hub id (those are checked once loaded)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from renderer.models.builtin import SDXL, TINY, TOY, build_text_encoders, build_unet, build_vae
+    from renderer.models.builtin import build_text_encoders, build_unet, build_vae, builtin_spec
 
-    from renderer.models.motion import image_model
-
-    specs = {"tiny": TINY, "toy": TOY, "sdxl-random": SDXL}
-    folder = Path(model)
+    spec, folder = builtin_spec(model), Path(model)
     with torch.device("meta"):
-        if image_model(model) in specs:
-            spec = specs[image_model(model)]
+        if spec is not None:
             unet, vae, encoders = build_unet(spec), build_vae(spec), build_text_encoders(spec)
             timesteps = 1000
         elif (folder / "model_index.json").is_file():
@@ -190,11 +186,12 @@ def vae_bytes(vae: dict, size: Size, mode: str, itemsize: int, share: float = 1.
     """Device bytes of the larger of the stage's encode and decode, the exact VAE's band height and the bytes of
     its layers kept in host memory (on a GPU; on the CPU they count on the device)."""
     pixels = size[0] * size[1] * share
-    images = 4 * 3 * pixels * 2  # the decoded image and its upsampled version, fp32
-    if mode == "tiled":  # one tile at a time, both ways; the image strip is also fetched with its tiles' rows
+    # fp32 images: the decoded one and its upsampled version, and in tiled mode the strip fetched with its tiles' rows
+    images = 4 * 3 * pixels * (3 if mode == "tiled" else 2)
+    if mode == "tiled":  # one tile at a time, both ways
         tile = vae.get("sample_size", 512)
         tile = tile[0] if isinstance(tile, (list, tuple)) else tile
-        return int(ENCODE_WORKSET * tile * tile * vae["block_out_channels"][0] * itemsize + 12 * pixels + images * 1.5), 0, 0
+        return int(ENCODE_WORKSET * tile * tile * vae["block_out_channels"][0] * itemsize + 12 * pixels + images), 0, 0
     from renderer.parallel.banded_vae import band_rows, full_resolution_width
 
     channels = vae["block_out_channels"]

@@ -239,8 +239,8 @@ CLIP_SUFFIX = ".mp4"
 
 
 def check_clip(request: RenderRequest) -> None:
-    """A clip needs a motion model, an .mp4 output and one process (for now); a still image none of the clip options."""
-    from renderer.models.motion import VIDEO_MODELS
+    """A clip needs a motion model and an .mp4 output; a still image none of the clip options."""
+    from renderer.models.builtin import VIDEO_MODELS
 
     if isinstance(request.frames, bool) or not isinstance(request.frames, int) or request.frames < 1:
         raise RenderError(f"--frames {request.frames} must be a whole number of at least 1 (1: a still image)")

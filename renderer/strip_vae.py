@@ -38,8 +38,9 @@ def decoded_bands(vae, rows: RowGroup, z: torch.Tensor, mode: str) -> Iterator[t
 
     `tiled` in a group of one streams diffusers' tile rows; on a strip it decodes the tile rows whose finished
     rows meet the strip, plus the tile row above for its blend, from the latent rows they cover."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
     if mode == "exact":
-        yield from banded(vae, rows, z.shape[3] * 2 ** (len(vae.config.block_out_channels) - 1)).decode(z)
+        yield from banded(vae, rows, z.shape[3] * scale).decode(z)
         return
     if mode != "tiled":
         raise ValueError(f"vae mode {mode!r}: use one of {', '.join(VAE_MODES)}")
@@ -47,7 +48,6 @@ def decoded_bands(vae, rows: RowGroup, z: torch.Tensor, mode: str) -> Iterator[t
     if rows.world == 1:
         yield from decode_tiled(vae, z)
         return
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
     layout = rows.layout_for(z.shape[2])
     start, stop = layout.span(rows.rank)
     tile, stride, _, finished = tile_grid(vae)

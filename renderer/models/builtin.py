@@ -57,6 +57,20 @@ SDXL = ArchitectureSpec(
 )
 
 
+SPECS = {"tiny": TINY, "toy": TOY, "sdxl-random": SDXL}
+VIDEO_MODELS = {"tiny-video": "tiny"}  # a built-in clip model -> the image model its motion adapter extends
+
+
+def image_model(model: str) -> str:
+    """The image model a built-in clip model extends; any other name as it is."""
+    return VIDEO_MODELS.get(model, model)
+
+
+def builtin_spec(model: str) -> ArchitectureSpec | None:
+    """The architecture of a built-in model (a clip model's: its image model's); None for any other name."""
+    return SPECS.get(image_model(model))
+
+
 def sdxl_scheduler() -> EulerDiscreteScheduler:
     """SDXL base's scheduler: Euler, scaled-linear betas, "leading" spacing (t_i = 981 - 20 i at 50 steps)."""
     return EulerDiscreteScheduler(

@@ -19,8 +19,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from freescale_core import FreeScaleConfig
 from renderer.errors import RenderError
-from renderer.models.builtin import SDXL, TINY, TOY, TOY_WEIGHTS, build_random_pipeline
-from renderer.models.motion import VIDEO_MODELS, add_motion, image_model
+from renderer.models.builtin import SDXL, TINY, TOY_WEIGHTS, VIDEO_MODELS, build_random_pipeline, builtin_spec, image_model
+from renderer.models.motion import add_motion
 from renderer.request import ModelGeometry
 
 BUILTIN = ("tiny", "toy", "sdxl-random", *VIDEO_MODELS)
@@ -195,9 +195,8 @@ def geometry_from_config(sample_size: int, vae_channels, unet_channels) -> Model
 
 def peek_geometry(model: str) -> ModelGeometry | None:
     """The model's geometry without loading weights, where its configs can be read cheaply (else None)."""
-    specs = {"tiny": TINY, "toy": TOY, "sdxl-random": SDXL}
-    if image_model(model) in specs:
-        spec = specs[image_model(model)]
+    spec = builtin_spec(model)
+    if spec is not None:
         return geometry_from_config(spec.sample_size, spec.vae_channels, spec.unet_channels)
     folder = Path(model)
     try:

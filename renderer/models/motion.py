@@ -14,14 +14,7 @@ import torch
 from diffusers import MotionAdapter, UNetMotionModel
 
 from renderer.errors import RenderError
-from renderer.models.builtin import TINY, build_motion_adapter
-
-VIDEO_MODELS = {"tiny-video": "tiny"}  # a built-in clip model -> the image model its adapter extends
-
-
-def image_model(model: str) -> str:
-    return VIDEO_MODELS.get(model, model)
-
+from renderer.models.builtin import TINY, VIDEO_MODELS, build_motion_adapter
 
 def adapter_config(model: str, motion_adapter: str | None) -> dict | None:
     """The adapter's config without its weights (built in, or a folder's config.json); None for a hub id."""

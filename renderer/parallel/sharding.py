@@ -23,7 +23,7 @@ from renderer.parallel.strips import RowGroup, Span, StripLayout
 from freescale_core.attention import (ScaleFusionProcessor, StageGeometry, grid_then_zero_token, local_attention, project,
                                       strided_global_attention)
 from freescale_core.blur import kernel_size
-from freescale_core.mode import LOCAL, Backend
+from freescale_core.mode import LOCAL, Backend, temporal_modules
 from freescale_core.windows import WindowPlan
 
 
@@ -162,8 +162,7 @@ def sharding(model: nn.Module, rows: RowGroup) -> Iterator[None]:
         return
     patched: list[nn.Module] = []
     processors: dict[Attention, object] = {}
-    # A motion UNet's temporal attention attends along the frames at each pixel: row-local, left as it is.
-    temporal = {module for name, module in model.named_modules() if "motion_modules" in name}
+    temporal = temporal_modules(model)  # a motion UNet's attention along the frames at each pixel: row-local
     try:
         for module in model.modules():
             if isinstance(module, nn.Conv2d) and (module.kernel_size[0] > 1 or module.stride[0] > 1):

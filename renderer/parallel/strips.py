@@ -24,7 +24,8 @@ Span = tuple[int, int]  # [start, stop) in global rows
 # Bytes this process has received, by purpose: row fetches are labelled by their caller ("conv", "window",
 # "blur", "vae", "guidance"; "vae" also counts the banded VAE's halos, `edges`), "ring" counts K/V blocks,
 # "sum" all-reduced statistics (counted once at their size), "guidance" also the partner's prediction of a
-# guidance split (`renderer.parallel.guidance`), "handoff" the latents of the stages rank 0 ran alone (`hand_over`). Read by the benchmarks and the metrics.
+# guidance split (`renderer.parallel.guidance`), "handoff" the latents of the stages rank 0 ran alone
+# (`hand_over`). Read by the benchmarks and the metrics.
 received_bytes: dict[str, int] = defaultdict(int)
 
 
