@@ -20,8 +20,9 @@ def levels(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
 
 
 def every_page(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
-    """Every page of every level: one per level for a poster, one per frame for a clip's frames."""
-    return [page for level in tif.series[0].levels for page in level.pages]
+    """Every page of every level: one per level for a poster, one per frame for a clip's frames (tifffile reads
+    pages after the first as light frames; `aspage` makes each a full page, with its tiles)."""
+    return [page.aspage() for level in tif.series[0].levels for page in level.pages]
 
 
 def check_tiles(page: tifffile.TiffPage) -> int:

@@ -72,6 +72,8 @@ def test_sixteen_frames(video_pipeline, tmp_path):
     assert result.image.shape == (16, 512, 512, 3)
     with av.open(str(tmp_path / "c.mp4")) as container:
         assert sum(1 for _ in container.decode(video=0)) == 16
+    report = describe(frames_path(tmp_path / "c.mp4"))  # every tile of every frame, the 16th included
+    assert report["frames"] == 16 and report["tiles_checked"] == 16
 
 
 def test_the_motion_unet_sees_every_frame_of_each_guidance_branch(video_pipeline):
