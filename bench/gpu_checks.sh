@@ -29,6 +29,21 @@ for size in 4096 8192; do
   timeout 240 python3 bench/vae_memory.py --model sdxl-random --device cuda --size $size --ranks 1 --share 0.125
 done
 
+echo "== clips (issue 26): the toy-video quality benchmark in full (8 seeds, 16 frames, 4x, 30 steps, every variant)"
+timeout 420 python3 bench/clip_quality.py --device cuda --seeds 8 --frames 16 --steps 30 --out-dir "$OUT/clip_quality" && \
+  python3 bench/clip_quality.py --table --out-dir "$OUT/clip_quality"
+
+echo "== clips (issue 26): sdxl-random-video, 16 frames 1024 -> 2048 fp16, time and peak against --dry-run"
+timeout 60 python3 -m renderer.cli --model sdxl-random-video --prompt "a kite" --frames 16 --size 2048x2048 --device cuda \
+  --out /tmp/kite.mp4 --dry-run
+timeout 400 /usr/bin/time -v python3 -m renderer.cli --model sdxl-random-video --prompt "a kite" --frames 16 --size 2048x2048 \
+  --steps 20 --device cuda --quiet --out /tmp/kite.mp4 2>&1 | grep -E "Elapsed|Maximum resident" ; \
+  python3 -c "import json; d = json.load(open('/tmp/kite.json')); print('seconds', d['seconds'], 'peak GiB', d['peak_bytes'] / 2**30)"
+
+echo "== clips (issue 26): train toy-video's motion modules on the GPU (the shipped run's settings)"
+timeout 300 python3 -m renderer.toy.train_motion --out "$OUT/toy_motion_weights" --device cuda --threads 16 \
+  --clips 128 --steps 1200 --log-every 200
+
 echo "== preflight memory estimate against sdxl-random's measured peak (issue 9)"
 timeout 300 python3 bench/preflight_memory.py --model sdxl-random --device cuda --sizes 2048,4096
 

@@ -87,7 +87,8 @@ class GangWorker:
         metrics = RenderMetrics.ray() if record_metrics else NULL_METRICS
         result = self.worker.run(job, progress, hand_over if checkpoints else None, metrics)
         exchanged = dict(received_bytes)
-        self.pixels = np.concatenate(list(self.worker.final_rows()), axis=-3)  # rows, of every frame of a clip
+        pixels = np.concatenate(list(self.worker.final_rows()))  # a clip's frames one after another
+        self.pixels = pixels.reshape(job.frames, -1, *pixels.shape[1:])
         metrics.exchanged_all(result.rank, received_since(exchanged))
         peak, limit = self.worker.peak()
         metrics.peak_memory(result.rank, peak, limit)
@@ -103,8 +104,11 @@ class GangWorker:
         place = f"GPU {ray.get_gpu_ids()} of node {node}" if self.worker.device.type == "cuda" else f"node {node}"
         return place, self.worker.memory()
 
-    def take_pixels(self) -> np.ndarray:
-        pixels, self.pixels = self.pixels, None
+    def take_pixels(self, frame: int = 0) -> np.ndarray:
+        """This rank's rows of the final image (of a clip: of one frame); the last frame's take frees them all."""
+        pixels = self.pixels[frame]
+        if frame == len(self.pixels) - 1:
+            self.pixels = None
         return pixels
 
 
@@ -187,6 +191,7 @@ class Gang(Executor):
         self._remove = remove_placement_group
         self.group = placement_group([bundle] * spec.workers, strategy="PACK")
         self.workers = []
+        self.frames = 1
         try:
             self.waited_s = wait_for_gang(self.group, [bundle] * spec.workers, spec.queue_timeout_s, metrics)
             self.placed_at, self.bundle = time.time(), bundle
@@ -275,6 +280,7 @@ class Gang(Executor):
         import ray
         from ray.util.queue import Queue
 
+        self.frames = job.frames  # how many frames `pixel_rows` takes from each worker
         queue = Queue()
         pending = [worker.run.remote(job, queue, rank == 0, self.metrics.enabled, on_checkpoint is not None)
                    for rank, worker in enumerate(self.workers)]
@@ -301,8 +307,10 @@ class Gang(Executor):
             queue.shutdown()
 
     def pixel_rows(self) -> Iterator[np.ndarray]:
-        """The final image, one worker's strip at a time: the driver never holds more than one strip."""
+        """The final image, one worker's strip at a time (a clip's: frame after frame), so that the driver never
+        holds more than one strip."""
         import ray
 
-        for worker in self.workers:
-            yield ray.get(worker.take_pixels.remote())
+        for frame in range(self.frames):
+            for worker in self.workers:
+                yield ray.get(worker.take_pixels.remote(frame))

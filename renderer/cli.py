@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mask", type=Path, help="region mask: white regions use --cosine-scale, black ones --cosine-scale-bg")
     add("--cosine-scale-bg", type=float, default=defaults.cosine_scale_bg, help="detail scale outside the mask (default 1.0)")
     add("--model", default="tiny",
-        help="tiny, toy, sdxl-random, tiny-video (clips), a diffusers folder, a .safetensors file or a hub id (default tiny)")
+        help="tiny, toy, sdxl-random; toy-video, tiny-video, sdxl-random-video (clips); a diffusers folder, a .safetensors "
+             "file or a hub id (default tiny)")
     add("--model-config", help="diffusers config folder or hub id for an original-format single-file checkpoint")
     add("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     add("--dtype", choices=("float16", "bfloat16", "float32"), help="default: float16 on CUDA, float32 on CPU")
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--metrics-linger", type=float, default=15.0, metavar="SECONDS",
         help="with --metrics-port: keep serving this long after the render ends (not after a stop), so that Prometheus "
              "scrapes the last values; set it above your scrape interval (default 15)")
-    add("--frames", type=int, default=1, help="render a clip of N frames (a motion model: tiny-video or --motion-adapter); "
+    add("--frames", type=int, default=1, help="render a clip of N frames (a motion model: toy-video, tiny-video, sdxl-random-video or --motion-adapter); "
         "--out then names an .mp4 (default 1: a still image)")
     add("--fps", type=float, default=8.0, help="the clip's frames per second (default 8)")
     add("--crf", type=int, default=18, help="the clip's H.264 quality, 0 (lossless) to 51 (default 18)")

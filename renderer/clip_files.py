@@ -3,7 +3,9 @@ a small animated GIF preview, the stages as GIFs (--save-stages) and the sidecar
 at all.
 
 The MP4 is written by FFmpeg's library through PyAV (libx264, yuv420p, `--crf`). Frames larger than H.264's
-highest level takes are downscaled for the MP4 only, with one line saying so; the TIFF keeps them whole.
+highest level takes are downscaled for the MP4 only, with one line saying so; the TIFF keeps them whole. The
+final decode runs frame after frame, and each frame goes into the MP4 and the TIFF as soon as it is whole, so
+the writer holds one frame (and the preview's thumbnails), not the clip.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import tifffile
@@ -46,62 +48,95 @@ def mp4_size(width: int, height: int) -> tuple[int, int]:
     return width - width % 2, height - height % 2
 
 
-def write_mp4(path: Path, frames: np.ndarray, fps: float, crf: int, size: tuple[int, int]) -> None:
-    import av  # PyAV: FFmpeg's encoders and muxers; imported here, so that still images never load it
+class Mp4Writer:
+    """Frames into an H.264 MP4 as they come (FFmpeg's libx264 through PyAV), resized to `size` if it differs."""
 
-    with atomic_path(path) as temporary, av.open(str(temporary), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for pixels in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
-            if (frame.width, frame.height) != size:
-                frame = frame.reformat(width=size[0], height=size[1])
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    def __init__(self, path: Path, fps: float, crf: int, size: tuple[int, int]):
+        import av  # PyAV: FFmpeg's encoders and muxers; imported here, so that still images never load it
+
+        self.av, self.size = av, size
+        self.container = av.open(str(path), mode="w", format="mp4")
+        self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        self.stream.width, self.stream.height = size
+        self.stream.pix_fmt = "yuv420p"
+        self.stream.options = {"crf": str(crf)}
+
+    def add(self, pixels: np.ndarray) -> None:
+        frame = self.av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+        if (frame.width, frame.height) != self.size:
+            frame = frame.reformat(width=self.size[0], height=self.size[1])
+        self.container.mux(self.stream.encode(frame))
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        """Flush the encoder when every frame went in; close the file either way."""
+        try:
+            if error_type is None:
+                self.container.mux(self.stream.encode(None))
+        finally:
+            self.container.close()
 
 
-def write_frames_tiff(path: Path, frames: np.ndarray, metadata: dict, tile: int) -> None:
-    """Every frame losslessly (deflate, `tile`² tiles), one page each, the render's parameters in the first page's
-    description (`freescale-render inspect` reads it and decodes every tile)."""
-    with atomic_path(path) as temporary:
-        tifffile.imwrite(temporary, frames, photometric="rgb", compression="zlib", tile=(tile, tile), metadata=None,
-                         description=json.dumps(metadata, sort_keys=True), software="freescale-poster")
+def frames_of(bands: Iterable[np.ndarray], height: int) -> Iterator[np.ndarray]:
+    """Whole (height, W, 3) frames from (rows, W, 3) bands that run through the frames top to bottom, one after another."""
+    pending: list[np.ndarray] = []
+    rows = 0
+    for band in bands:
+        while len(band):
+            take = min(len(band), height - rows)
+            pending.append(band[:take])
+            rows, band = rows + take, band[take:]
+            if rows == height:
+                yield np.concatenate(pending)
+                pending, rows = [], 0
 
 
-def write_animation(path: Path, frames: np.ndarray, fps: float, side: int | None = None) -> None:
-    """An animated GIF of `frames`, each shrunk to at most `side` pixels a side if given."""
-    pictures = []
-    for pixels in frames:
-        picture = Image.fromarray(pixels)
-        if side is not None:
-            picture.thumbnail((side, side))
-        pictures.append(picture)
+def write_animation(path: Path, frames: Iterable[np.ndarray], fps: float) -> None:
+    """An animated GIF of `frames`."""
+    pictures = [Image.fromarray(pixels) for pixels in frames]
     with atomic_path(path) as temporary:
         pictures[0].save(temporary, format="GIF", save_all=True, append_images=pictures[1:], duration=round(1000 / fps), loop=0)
 
 
 def write_clip(request, result, bands: Iterable[np.ndarray], started: float, device: torch.device) -> list[Path]:
-    """The clip's files from the final rows of every frame, (frames, rows, W, 3) bands top to bottom; with
-    --save-stages, every stage before the last as an animated GIF at its size."""
+    """The clip's files from its final rows, (rows, W, 3) bands through the frames one after another: each frame
+    goes into the MP4 and the frames TIFF as soon as its last rows arrive. With --save-stages, every stage before
+    the last as an animated GIF at its size."""
     out = Path(request.out)
     written = []
     for index, (size, stage_frames) in enumerate(zip(result.stages, result.stage_images)):
         written.append(stage_path(out, index, size).with_suffix(".gif"))
         write_animation(written[-1], stage_frames, request.fps)
-    frames = np.concatenate(list(bands), axis=1)
-    height, width = frames.shape[1:3]
+    width, height = result.stages[-1]
     size = mp4_size(width, height)
     if size != (width, height):
         log.warning("%s: H.264 takes at most %d pixels a side and %d a frame; the MP4 is %dx%d, %s keeps %dx%d",
                     out, H264_MAX_SIDE, H264_MAX_SAMPLES, *size, frames_path(out).name, width, height)
-    result.metadata["clip"] = {"frames": len(frames), "fps": request.fps, "crf": request.crf, "mp4_size": list(size),
+    result.metadata["clip"] = {"frames": request.frames, "fps": request.fps, "crf": request.crf, "mp4_size": list(size),
                                "frames_tiff": frames_path(out).name, "preview": preview_path(out).name}
-    write_frames_tiff(frames_path(out), frames, result.metadata, request.tile_size)
-    write_mp4(out, frames, request.fps, request.crf, size)
-    write_animation(preview_path(out), frames, request.fps, PREVIEW_SIDE)
+    thumbnails = []
+    tile = (request.tile_size, request.tile_size)
+    with (atomic_path(frames_path(out)) as tiff_file, atomic_path(out) as mp4_file, tifffile.TiffWriter(tiff_file) as tiff,
+          Mp4Writer(mp4_file, request.fps, request.crf, size) as mp4):
+        for index, frame in enumerate(frames_of(bands, height)):
+            # Every frame losslessly (deflate, tiled), one page each; the render's parameters in the first page's
+            # description (`freescale-render inspect` reads it and decodes every tile).
+            description = json.dumps(result.metadata, sort_keys=True) if index == 0 else None
+            tiff.write(frame, photometric="rgb", compression="zlib", tile=tile, metadata=None, description=description,
+                       software="freescale-poster")
+            mp4.add(frame)
+            thumbnails.append(preview_frame(frame))
+    write_animation(preview_path(out), thumbnails, request.fps)
     result.metadata["seconds"]["total"] = time.perf_counter() - started
     result.metadata["peak_bytes"] = peak_memory(device)
     write_json(sidecar_path(out), result.metadata)
     return [*written, frames_path(out), out, preview_path(out), sidecar_path(out)]
+
+
+def preview_frame(pixels: np.ndarray) -> np.ndarray:
+    """The frame shrunk to at most PREVIEW_SIDE pixels a side (never enlarged)."""
+    picture = Image.fromarray(pixels)
+    picture.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    return np.asarray(picture)

@@ -193,7 +193,8 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
     if store is not None and not request.keep_checkpoints:
         store.clear()
     if kept:
-        result.image = np.concatenate(kept, axis=-3)  # rows: (H, W, 3), or a clip's (frames, H, W, 3)
+        image = np.concatenate(kept)  # (H, W, 3), or a clip's frames stacked along the rows
+        result.image = image.reshape(request.frames, -1, *image.shape[1:]) if request.frames > 1 else image
     return result
 
 

@@ -95,7 +95,8 @@ class Executor(ABC):
 
     @abstractmethod
     def pixel_rows(self) -> Iterator[np.ndarray]:
-        """The final image of the last run, top to bottom in (rows, W, 3) uint8 bands."""
+        """The final image of the last run, top to bottom in (rows, W, 3) uint8 bands; a clip's frames one after
+        another, each top to bottom."""
 
     def written(self) -> None:
         """The final rows are all taken: record the ranks' peak memory where they do not record it themselves."""

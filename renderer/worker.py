@@ -149,12 +149,14 @@ class Worker:
                 for stage, latents in job.stage_ends.items()}
 
     def final_rows(self) -> Iterator[np.ndarray]:
-        """This rank's rows of the final image as (rows, W, 3) uint8 bands, streamed as they are decoded."""
+        """This rank's rows of the final image as (rows, W, 3) uint8 bands, streamed as they are decoded; a clip's
+        frame after frame (each decoded on its own), so that one frame is written while the next decodes."""
         rows, latents, mode = self.final
         self.final = None
         with torch.inference_mode():
-            for band in decoded_bands(self.pipeline.vae, rows, unscaled(self.pipeline, latents), mode):
-                yield to_pixels(band)
+            for frame in latents.split(1):
+                for band in decoded_bands(self.pipeline.vae, rows, unscaled(self.pipeline, frame), mode):
+                    yield to_pixels(band)
 
     def peak(self) -> tuple[int, int]:
         """Peak bytes this rank allocated, and what its device has for it."""

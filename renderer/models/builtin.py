@@ -5,6 +5,9 @@
 - `toy`: the same layout, trained by `renderer.toy.train` on procedural scenes and shipped inside the
   package (`renderer/models/toy_weights`), so demos draw real shapes.
 - `sdxl-random`: the true SDXL architecture with random weights, for timings on a GPU.
+- Their clip models (`renderer.models.motion`): `tiny-video` and `sdxl-random-video` with seeded random motion
+  modules (the latter of the public SDXL adapter's shapes), `toy-video` with motion modules trained by
+  `renderer.toy.train_motion` and shipped in `renderer/models/toy_motion_weights`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from renderer.models.tokenizer import MAX_LENGTH, build_offline_tokenizer, offline_vocab
 
 TOY_WEIGHTS = Path(__file__).with_name("toy_weights")
+TOY_MOTION_WEIGHTS = Path(__file__).with_name("toy_motion_weights")
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,8 @@ SDXL = ArchitectureSpec(
 
 
 SPECS = {"tiny": TINY, "toy": TOY, "sdxl-random": SDXL}
-VIDEO_MODELS = {"tiny-video": "tiny"}  # a built-in clip model -> the image model its motion adapter extends
+# a built-in clip model -> the image model its motion adapter extends
+VIDEO_MODELS = {"tiny-video": "tiny", "toy-video": "toy", "sdxl-random-video": "sdxl-random"}
 
 
 def image_model(model: str) -> str:
@@ -131,15 +136,34 @@ def build_random_pipeline(spec: ArchitectureSpec, seed: int = 0) -> StableDiffus
     return pipeline
 
 
-def build_motion_adapter(spec: ArchitectureSpec, seed: int = 1, frames: int = 32) -> MotionAdapter:
-    """AnimateDiff motion modules for `spec`'s UNet, every weight drawn from a fixed seed (`tiny-video`).
+@dataclass(frozen=True)
+class MotionSpec:
+    """An AnimateDiff adapter's shape beyond its UNet's widths."""
 
-    A new adapter's output projections are zero, so that it starts as the image model; here they are drawn
-    too, so that the frames really interact."""
+    heads: int
+    mid_block: bool
+    positions: int = 32  # frames it can attend over
+
+
+# sdxl-random-video: the public SDXL adapter's (animatediff-motion-adapter-sdxl-beta's config)
+MOTION_SPECS = {"tiny": MotionSpec(heads=2, mid_block=True), "toy": MotionSpec(heads=4, mid_block=True),
+                "sdxl-random": MotionSpec(heads=8, mid_block=False)}
+
+
+def motion_adapter(spec: ArchitectureSpec, motion: MotionSpec) -> MotionAdapter:
+    """A new adapter for `spec`'s UNet; its output projections are zero, so that it starts as the image model."""
+    return MotionAdapter(block_out_channels=spec.unet_channels, motion_layers_per_block=2, motion_num_attention_heads=motion.heads,
+                         motion_norm_num_groups=spec.unet_groups, motion_max_seq_length=motion.positions,
+                         use_motion_mid_block=motion.mid_block)
+
+
+def build_random_motion_adapter(model: str, seed: int = 1) -> MotionAdapter:
+    """Seeded random motion modules for a built-in image model (`tiny-video`, `sdxl-random-video`).
+
+    The output projections are drawn too (a new adapter's are zero), so that the frames really interact."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        adapter = MotionAdapter(block_out_channels=spec.unet_channels, motion_layers_per_block=2, motion_num_attention_heads=2,
-                                motion_norm_num_groups=spec.unet_groups, motion_max_seq_length=frames, use_motion_mid_block=True)
+        adapter = motion_adapter(SPECS[model], MOTION_SPECS[model])
         for name, parameter in adapter.named_parameters():
             if "proj_out" in name:
                 parameter.data = torch.randn_like(parameter) * 0.1

@@ -41,7 +41,7 @@ PICKLED = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 def recommended_restart_fraction(model: str) -> float:
     """Where a model's upscaling stages restart when the user does not say: the paper's 0.3 unless the model
     renders measurably better otherwise."""
-    return RECOMMENDED_RESTART_FRACTION.get(model, FreeScaleConfig().restart_fraction)
+    return RECOMMENDED_RESTART_FRACTION.get(image_model(model), FreeScaleConfig().restart_fraction)
 
 
 def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, model_config: str | None = None,

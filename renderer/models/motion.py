@@ -1,8 +1,9 @@
 """Motion modules (AnimateDiff's) on an SDXL-style UNet: what makes a model render clips.
 
-`tiny-video` is the tiny model with a seeded random adapter. Any other model takes `--motion-adapter`: a
-diffusers MotionAdapter folder (safetensors) or a hub id. The adapter's temporal attention runs between
-the UNet's spatial layers and attends along the frames at each pixel (`diffusers.UNetMotionModel`).
+The built-in clip models (`renderer.models.builtin`) bring their adapters. Any other model takes
+`--motion-adapter`: a diffusers MotionAdapter folder (safetensors) or a hub id. The adapter's temporal
+attention runs between the UNet's spatial layers and attends along the frames at each pixel
+(`diffusers.UNetMotionModel`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import torch
 from diffusers import MotionAdapter, UNetMotionModel
 
 from renderer.errors import RenderError
-from renderer.models.builtin import TINY, VIDEO_MODELS, build_motion_adapter
+from renderer.models.builtin import TOY_MOTION_WEIGHTS, VIDEO_MODELS, build_random_motion_adapter
 
 def adapter_config(model: str, motion_adapter: str | None) -> dict | None:
     """The adapter's config without its weights (built in, or a folder's config.json); None for a hub id."""
-    if model in VIDEO_MODELS:
+    if model in VIDEO_MODELS and model != "toy-video":
         with torch.device("meta"):
-            return dict(build_motion_adapter(TINY).config)
-    folder = Path(motion_adapter) if motion_adapter else None
+            return dict(build_random_motion_adapter(VIDEO_MODELS[model]).config)
+    folder = TOY_MOTION_WEIGHTS if model == "toy-video" else Path(motion_adapter) if motion_adapter else None
     if folder is not None and folder.is_dir():
         try:
             return json.loads((folder / "config.json").read_text())
@@ -45,8 +46,13 @@ def check_adapter(config: dict, unet_channels, frames: int, name: str) -> None:
 def add_motion(pipeline, model: str, motion_adapter: str | None):
     """`pipeline` with its UNet turned into a motion UNet (the image UNet's weights kept)."""
     name = motion_adapter or model
-    if model in VIDEO_MODELS:
-        adapter = build_motion_adapter(TINY)
+    if model == "toy-video":
+        if not (TOY_MOTION_WEIGHTS / "config.json").is_file():
+            raise RenderError(f"--model toy-video: the trained motion modules are missing from {TOY_MOTION_WEIGHTS}; reinstall the package")
+        adapter = MotionAdapter.from_pretrained(TOY_MOTION_WEIGHTS, use_safetensors=True)
+    elif model in VIDEO_MODELS:
+        with torch.device(pipeline.unet.device):
+            adapter = build_random_motion_adapter(VIDEO_MODELS[model])
     else:
         try:
             adapter = MotionAdapter.from_pretrained(motion_adapter, use_safetensors=True)
@@ -54,15 +60,20 @@ def add_motion(pipeline, model: str, motion_adapter: str | None):
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise RenderError(f"--motion-adapter {motion_adapter} could not be loaded: {first_line}") from error
     check_adapter(adapter.config, pipeline.unet.config.block_out_channels, 1, name)
-    image_unet = pipeline.unet
-    pipeline.unet = UNetMotionModel.from_unet2d(image_unet, adapter)
+    pipeline.unet = motion_unet(pipeline.unet, adapter, model)
+    return pipeline
+
+
+def motion_unet(image_unet, adapter: MotionAdapter, model: str) -> UNetMotionModel:
+    """The image UNet with the adapter's motion modules between its layers, every image weight kept."""
+    unet = UNetMotionModel.from_unet2d(image_unet, adapter)
     # diffusers' from_unet2d (0.42) leaves some of the image UNet's weights at a random init (SDXL's add_embedding,
     # the text_time conditioning): load every one of them by name.
-    unplaced = pipeline.unet.load_state_dict(image_unet.state_dict(), strict=False).unexpected_keys
+    unplaced = unet.load_state_dict(image_unet.state_dict(), strict=False).unexpected_keys
     if unplaced:
         raise RenderError(f"--model {model}: its UNet's weights {unplaced[:3]} have no place in the motion UNet; "
                           "use an SDXL-style model with an adapter made for it")
-    return pipeline
+    return unet
 
 
 def max_frames(unet) -> int:

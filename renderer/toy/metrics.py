@@ -27,6 +27,8 @@ class SubjectCount:
     subjects: int
     eyes: tuple[int, ...]  # per subject, largest first
     largest_share: float  # the largest subject's area over the image area
+    centre: tuple[float, float] | None  # the largest subject's centroid (y, x) as fractions of the height and width
+    mask: np.ndarray  # the subjects, holes filled, at the analysis size (bool)
 
 
 def hue_distance(a: np.ndarray, b: float) -> np.ndarray:
@@ -63,4 +65,21 @@ def count_subjects(pixels: np.ndarray, train_px: int) -> SubjectCount:
         hole_areas = ndimage.sum_labels(np.ones_like(holes), holes, index=np.arange(1, hole_count + 1))
         eyes.append(int(np.sum(hole_areas >= max(2.0, 0.004 * areas[label - 1]))))
     largest = float(areas[kept[0] - 1] / (size[0] * size[1])) if kept else 0.0
-    return SubjectCount(colour=colour, subjects=len(kept), eyes=tuple(eyes), largest_share=largest)
+    centre = None
+    if kept:  # pixel k covers [k, k + 1): its centre is k + 0.5
+        y, x = ndimage.center_of_mass(labels == kept[0])
+        centre = ((y + 0.5) / size[1], (x + 0.5) / size[0])
+    return SubjectCount(colour=colour, subjects=len(kept), eyes=tuple(eyes), largest_share=largest, centre=centre,
+                        mask=np.isin(labels, kept))
+
+
+def background_flicker(frames: np.ndarray, counts: list[SubjectCount], margin: int = 2) -> float:
+    """Mean absolute difference between consecutive frames, in levels of 255, over the pixels that are background
+    in both (outside every subject found in either, widened by `margin` analysis pixels for the blurred rim)."""
+    differences = []
+    for (a, b), (count_a, count_b) in zip(zip(frames, frames[1:]), zip(counts, counts[1:])):
+        subject = ndimage.binary_dilation(count_a.mask | count_b.mask, iterations=margin) if margin else count_a.mask | count_b.mask
+        background = np.asarray(Image.fromarray(~subject).resize(a.shape[1::-1], Image.Resampling.NEAREST))
+        difference = np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(-1)
+        differences.append(float(difference[background].mean()) if background.any() else 0.0)
+    return float(np.mean(differences))

@@ -53,37 +53,69 @@ def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     return rows[:, i0] * (1 - frac)[None, :] + rows[:, i0 + 1] * frac[None, :]
 
 
-def draw_scene(rng: np.random.Generator, size: int = SCENE_SIZE) -> Scene:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+@dataclass(frozen=True)
+class Creature:
+    """What a scene draws of its subject; `paint` puts it anywhere, eyes open or closing."""
 
+    colour: str
+    hue: float
+    radius: float
+    centre: tuple[float, float]  # (y, x) in pixels
+    eye_radius: float
+    eye_offset: tuple[float, float]  # (dy, dx) of the right eye from the centre; the left one mirrors dx
+
+
+def draw_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A muted, smoothly varying background, (H, W, 3) floats in [0, 1]."""
     base_hue = rng.uniform(0, 360)
     hue = base_hue + 40 * (smooth_noise(rng, size, 3) - 0.5)
     saturation = BACKGROUND_MAX_SATURATION * smooth_noise(rng, size, 4)
     value = 0.45 + 0.35 * smooth_noise(rng, size, 2) + 0.06 * smooth_noise(rng, size, 16)
-    image = hsv_to_rgb(hue, saturation, np.clip(value, 0, 1))
+    return hsv_to_rgb(hue, saturation, np.clip(value, 0, 1))
 
+
+def draw_creature(rng: np.random.Generator, size: int) -> Creature:
     colour = str(rng.choice(list(COLOURS)))
     radius = 0.5 * size * rng.uniform(*DIAMETER_RANGE)
     cy, cx = size / 2 + rng.uniform(-0.1, 0.1, size=2) * size
-    distance = np.hypot(yy - cy, xx - cx) / radius
-    body = distance <= 1.0
-    # Shading: a light from the upper left, darker towards the rim.
-    light = np.clip(1.0 - 0.35 * np.hypot(yy - (cy - 0.4 * radius), xx - (cx - 0.4 * radius)) / radius, 0.55, 1.0)
-    subject_hue = np.full_like(distance, COLOURS[colour] + rng.uniform(-6, 6))
-    image[body] = hsv_to_rgb(subject_hue[body], np.full(body.sum(), 0.85), light[body])
-
+    hue = COLOURS[colour] + rng.uniform(-6, 6)
     eye_radius = radius * rng.uniform(0.16, 0.22)
     eye_dy = -radius * rng.uniform(0.15, 0.35)
     eye_dx = radius * rng.uniform(0.3, 0.45)
+    return Creature(colour, float(hue), float(radius), (float(cy), float(cx)), float(eye_radius), (float(eye_dy), float(eye_dx)))
+
+
+def paint(image: np.ndarray, creature: Creature, centre: tuple[float, float] | None = None, eyes_open: float = 1.0) -> None:
+    """Paint the shaded body and its eyes into `image` (floats, in place); `eyes_open` < 1 squints them (a blink)."""
+    size = image.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    cy, cx = centre or creature.centre
+    radius = creature.radius
+    body = np.hypot(yy - cy, xx - cx) <= radius
+    # Shading: a light from the upper left, darker towards the rim.
+    light = np.clip(1.0 - 0.35 * np.hypot(yy - (cy - 0.4 * radius), xx - (cx - 0.4 * radius)) / radius, 0.55, 1.0)
+    image[body] = hsv_to_rgb(np.full(body.sum(), creature.hue), np.full(body.sum(), 0.85), light[body])
+    eye_dy, eye_dx = creature.eye_offset
     for side in (-1, 1):
         ey, ex = cy + eye_dy, cx + side * eye_dx
-        eye_distance = np.hypot(yy - ey, xx - ex)
-        image[eye_distance <= eye_radius] = (0.97, 0.97, 0.97)
-        image[eye_distance <= 0.5 * eye_radius] = (0.05, 0.05, 0.07)
+        eye_distance = np.hypot((yy - ey) / eyes_open, xx - ex)
+        image[eye_distance <= creature.eye_radius] = (0.97, 0.97, 0.97)
+        image[eye_distance <= 0.5 * creature.eye_radius] = (0.05, 0.05, 0.07)
 
-    pixels = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
-    article = "an" if colour[0] in "aeiou" else "a"
-    return Scene(image=pixels, caption=f"{article} {colour} creature", colour=colour)
+
+def to_pixels(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+
+
+def caption(colour: str) -> str:
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} creature"
+
+
+def draw_scene(rng: np.random.Generator, size: int = SCENE_SIZE) -> Scene:
+    image = draw_background(rng, size)
+    creature = draw_creature(rng, size)
+    paint(image, creature)
+    return Scene(image=to_pixels(image), caption=caption(creature.colour), colour=creature.colour)
 
 
 def draw_scenes(seed: int, count: int, size: int = SCENE_SIZE) -> list[Scene]:

@@ -66,14 +66,17 @@ def _draw_chunk(seed_and_size: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
     return np.stack([s.image for s in scenes]), [s.caption for s in scenes]
 
 
+def map_chunks(draw, arguments: list, processes: int) -> list:
+    """`draw` of each argument, in this process or in a spawned pool: the same results either way."""
+    if processes == 1 or len(arguments) == 1:  # a spawned pool would only add its start-up (seconds)
+        return [draw(argument) for argument in arguments]
+    with multiprocessing.get_context("spawn").Pool(min(processes, len(arguments))) as pool:
+        return pool.map(draw, arguments)
+
+
 def draw_dataset(count: int, seed: int, processes: int, size: int = SCENE_SIZE) -> tuple[np.ndarray, list[str]]:
     """`count` scenes (rounded up to chunks of 64), each chunk from its own seed: the same for any process count."""
-    seeds = [(seed * 1_000_003 + chunk, size) for chunk in range(-(-count // CHUNK))]
-    if processes == 1 or len(seeds) == 1:  # a spawned pool would only add its start-up (seconds)
-        chunks = [_draw_chunk(seed_and_size) for seed_and_size in seeds]
-    else:
-        with multiprocessing.get_context("spawn").Pool(min(processes, len(seeds))) as pool:
-            chunks = pool.map(_draw_chunk, seeds)
+    chunks = map_chunks(_draw_chunk, [(seed * 1_000_003 + chunk, size) for chunk in range(-(-count // CHUNK))], processes)
     return np.concatenate([images for images, _ in chunks]), [c for _, captions in chunks for c in captions]
 
 
