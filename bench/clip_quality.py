@@ -21,11 +21,10 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,21 +34,12 @@ from renderer.models import load_pipeline, model_geometry, recommended_restart_f
 from renderer.toy.clips import MAX_STEP  # noqa: E402
 from renderer.toy.metrics import background_flicker, count_subjects  # noqa: E402
 from renderer.toy.scenes import COLOURS, caption  # noqa: E402
+from quality import labelled_row, variants  # noqa: E402  (bench/quality.py: the image benchmark's rows and sheet)
 
 VARIANTS = ("FreeScale 4x", "direct 4x", "dilated up blocks 4x", "latent upsampling 4x")
 DERIVED = ("base 1x", "base upsampled 4x")  # from FreeScale's base stage, at no extra render
 SHEET_FRAMES = (0, 5, 10, 15)
 THUMB = 160
-
-
-def settings(name: str, train: int, fs: FreeScaleConfig) -> tuple[tuple[tuple[int, int], ...], FreeScaleConfig]:
-    cascade = ((train, train), (2 * train, 2 * train), (4 * train, 4 * train))
-    return {
-        "FreeScale 4x": (cascade, fs),
-        "direct 4x": (((4 * train, 4 * train),), replace(fs, freeu=False)),
-        "dilated up blocks 4x": (cascade, replace(fs, dilate_up_blocks=True)),
-        "latent upsampling 4x": (cascade, replace(fs, upsample_space="latent")),
-    }[name]
 
 
 def measure(frames: np.ndarray, train: int) -> dict:
@@ -80,9 +70,9 @@ def run(args) -> None:
     fs = FreeScaleConfig(restart_fraction=recommended_restart_fraction(args.model))
     for seed in range(args.first_seed, args.first_seed + args.seeds * args.stride, args.stride):  # every variant of a seed
         for name in args.variants.split(","):  # before the next seed, so that a cut run leaves whole seeds
-            stages, config = settings(name, train, fs)
+            stages, config = variants(train, False, fs)[name]
             colour = list(COLOURS)[seed % len(COLOURS)]
-            request = RenderRequest(prompt=caption(colour), seed=seed, stages=stages, steps=args.steps, freescale=config,
+            request = RenderRequest(prompt=caption(colour), seed=seed, stages=tuple(stages), steps=args.steps, freescale=config,
                                     model=args.model, motion_adapter=args.motion_adapter, device=args.device,
                                     frames=args.frames, save_stages=name == "FreeScale 4x", out=Path("clip.mp4"))
             started = time.perf_counter()
@@ -127,11 +117,7 @@ def table(out_dir: Path) -> None:
         if name == "base upsampled 4x":  # the base's frames again, larger: only its numbers
             continue
         images = [np.asarray(Image.open(out_dir / f"{name.replace(' ', '_')}_seed{r['seed']}.png")) for r in rows]
-        canvas = Image.new("RGB", (images[0].shape[1] + 170, THUMB * len(images)), "white")
-        for k, image in enumerate(images):
-            canvas.paste(Image.fromarray(image), (170, k * THUMB))
-            ImageDraw.Draw(canvas).text((6, k * THUMB + THUMB // 2 - 6), f"{name}\nseed {rows[k]['seed']}", fill="black")
-        sheet.append(np.asarray(canvas))
+        sheet.extend(labelled_row(f"{name}, seed {r['seed']}", image) for r, image in zip(rows, images))
     width = max(s.shape[1] for s in sheet)
     padded = [np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in sheet]
     Image.fromarray(np.concatenate(padded, axis=0)).save(out_dir / "contact_sheet.png")

@@ -64,6 +64,7 @@ SDXL = ArchitectureSpec(
 SPECS = {"tiny": TINY, "toy": TOY, "sdxl-random": SDXL}
 # a built-in clip model -> the image model its motion adapter extends
 VIDEO_MODELS = {"tiny-video": "tiny", "toy-video": "toy", "sdxl-random-video": "sdxl-random"}
+SHIPPED_ADAPTERS = {"toy-video": TOY_MOTION_WEIGHTS}  # clip models whose motion modules are trained and shipped; the others are random
 
 
 def image_model(model: str) -> str:

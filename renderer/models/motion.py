@@ -15,14 +15,14 @@ import torch
 from diffusers import MotionAdapter, UNetMotionModel
 
 from renderer.errors import RenderError
-from renderer.models.builtin import TOY_MOTION_WEIGHTS, VIDEO_MODELS, build_random_motion_adapter
+from renderer.models.builtin import SHIPPED_ADAPTERS, VIDEO_MODELS, build_random_motion_adapter
 
 def adapter_config(model: str, motion_adapter: str | None) -> dict | None:
     """The adapter's config without its weights (built in, or a folder's config.json); None for a hub id."""
-    if model in VIDEO_MODELS and model != "toy-video":
+    if model in VIDEO_MODELS and model not in SHIPPED_ADAPTERS:
         with torch.device("meta"):
             return dict(build_random_motion_adapter(VIDEO_MODELS[model]).config)
-    folder = TOY_MOTION_WEIGHTS if model == "toy-video" else Path(motion_adapter) if motion_adapter else None
+    folder = SHIPPED_ADAPTERS.get(model) or (Path(motion_adapter) if motion_adapter else None)
     if folder is not None and folder.is_dir():
         try:
             return json.loads((folder / "config.json").read_text())
@@ -46,10 +46,11 @@ def check_adapter(config: dict, unet_channels, frames: int, name: str) -> None:
 def add_motion(pipeline, model: str, motion_adapter: str | None):
     """`pipeline` with its UNet turned into a motion UNet (the image UNet's weights kept)."""
     name = motion_adapter or model
-    if model == "toy-video":
-        if not (TOY_MOTION_WEIGHTS / "config.json").is_file():
-            raise RenderError(f"--model toy-video: the trained motion modules are missing from {TOY_MOTION_WEIGHTS}; reinstall the package")
-        adapter = MotionAdapter.from_pretrained(TOY_MOTION_WEIGHTS, use_safetensors=True)
+    if model in SHIPPED_ADAPTERS:
+        folder = SHIPPED_ADAPTERS[model]
+        if not (folder / "config.json").is_file():
+            raise RenderError(f"--model {model}: the trained motion modules are missing from {folder}; reinstall the package")
+        adapter = MotionAdapter.from_pretrained(folder, use_safetensors=True)
     elif model in VIDEO_MODELS:
         with torch.device(pipeline.unet.device):
             adapter = build_random_motion_adapter(VIDEO_MODELS[model])

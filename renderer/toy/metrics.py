@@ -19,6 +19,7 @@ from renderer.toy.scenes import COLOURS, DIAMETER_RANGE
 ANALYSIS_TRAIN_PX = 128  # the training size is analysed at this many pixels
 MIN_SUBJECT_FRACTION = 0.2  # of the smallest training subject's area
 MIN_SATURATION, MIN_VALUE, MAX_HUE_DISTANCE = 0.45, 0.2, 20.0
+RIM_MARGIN = 2  # analysis pixels around a subject that count as neither subject nor background
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,12 @@ def count_subjects(pixels: np.ndarray, train_px: int) -> SubjectCount:
                         mask=np.isin(labels, kept))
 
 
-def background_flicker(frames: np.ndarray, counts: list[SubjectCount], margin: int = 2) -> float:
+def background_flicker(frames: np.ndarray, counts: list[SubjectCount]) -> float:
     """Mean absolute difference between consecutive frames, in levels of 255, over the pixels that are background
-    in both (outside every subject found in either, widened by `margin` analysis pixels for the blurred rim)."""
+    in both (outside every subject found in either, widened by RIM_MARGIN analysis pixels for the blurred rim)."""
     differences = []
     for (a, b), (count_a, count_b) in zip(zip(frames, frames[1:]), zip(counts, counts[1:])):
-        subject = ndimage.binary_dilation(count_a.mask | count_b.mask, iterations=margin) if margin else count_a.mask | count_b.mask
+        subject = ndimage.binary_dilation(count_a.mask | count_b.mask, iterations=RIM_MARGIN)
         background = np.asarray(Image.fromarray(~subject).resize(a.shape[1::-1], Image.Resampling.NEAREST))
         difference = np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(-1)
         differences.append(float(difference[background].mean()) if background.any() else 0.0)

@@ -161,6 +161,14 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int = 200) -> floa
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
+@torch.no_grad()
+def update_average(averaged, current, step: int, ceiling: float) -> None:
+    """One step of an exponential moving average whose decay warms up to `ceiling`, so early weights fade fast."""
+    decay = min(ceiling, (1 + step) / (10 + step))
+    for mean, value in zip(averaged, current):
+        mean.lerp_(value, 1 - decay)
+
+
 def train_unet(pipeline, means, stds, captions, steps: int, batch: int, seed: int, log_every: int, lr: float) -> dict:
     generator = torch.Generator().manual_seed(seed)
     device = means.device
@@ -200,10 +208,7 @@ def train_unet(pipeline, means, stds, captions, steps: int, batch: int, seed: in
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr)
         optimizer.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for averaged, current in zip(ema.parameters(), modules.parameters()):
-                averaged.lerp_(current, 1 - decay)
+        update_average(ema.parameters(), modules.parameters(), step, 0.999)
         if step % log_every == 0 or step == steps - 1:
             print(f"unet step {step:5d}  loss {loss.item():.4f}  {time.time() - start:7.1f}s", flush=True)
     return ema.state_dict()

@@ -24,7 +24,7 @@ from diffusers import StableDiffusionXLPipeline
 from renderer.models.builtin import MOTION_SPECS, TOY, TOY_WEIGHTS, motion_adapter
 from renderer.models.motion import motion_unet
 from renderer.toy.clips import FRAMES, draw_clips
-from renderer.toy.train import CAPTION_DROPOUT, MIN_SNR_GAMMA, encode_dataset, learning_rate, map_chunks
+from renderer.toy.train import CAPTION_DROPOUT, MIN_SNR_GAMMA, encode_dataset, learning_rate, map_chunks, update_average
 
 CLIPS_PER_CHUNK = 16
 EMA_DECAY = 0.995
@@ -41,9 +41,10 @@ def draw_clip_dataset(count: int, seed: int, processes: int) -> tuple[np.ndarray
     return np.concatenate([frames for frames, _ in chunks]), [c for _, captions in chunks for c in captions]
 
 
-def motion_parameters(unet) -> list[torch.nn.Parameter]:
+def motion_parameters(unet) -> dict[str, torch.nn.Parameter]:
+    """The motion modules' parameters by name, the only ones left trainable."""
     unet.freeze_unet2d_params()
-    return [p for p in unet.parameters() if p.requires_grad]
+    return {name: p for name, p in unet.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()
@@ -61,8 +62,8 @@ def train(pipeline, unet, means, stds, captions, steps: int, seed: int, lr: floa
     generator = torch.Generator().manual_seed(seed)
     device = means.device
     clips, frames = means.shape[:2]
-    parameters = motion_parameters(unet)
-    names = [name for name, p in unet.named_parameters() if p.requires_grad]
+    trained = motion_parameters(unet)
+    parameters = list(trained.values())
     ema = [p.detach().clone() for p in parameters]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
     alphas_cumprod = pipeline.scheduler.alphas_cumprod.to(device)
@@ -95,13 +96,10 @@ def train(pipeline, unet, means, stds, captions, steps: int, seed: int, lr: floa
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup=min(100, steps // 4))
         optimizer.step()
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for averaged, current in zip(ema, parameters):
-                averaged.lerp_(current, 1 - decay)
+        update_average(ema, parameters, step, EMA_DECAY)
         if step % log_every == 0 or step == steps - 1:
             print(f"motion step {step:5d}  t {int(timestep):3d}  loss {loss.item():.4f}  {time.time() - start:7.1f}s", flush=True)
-    return dict(zip(names, ema))
+    return dict(zip(trained, ema))
 
 
 def main(argv: list[str] | None = None) -> None:
