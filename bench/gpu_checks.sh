@@ -18,6 +18,16 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 
+echo "== HEADLINE (the first 8 minutes): sdxl-random fp16 on one GPU"
+echo "== FreeScale vs direct at 2048² and 4096²: time and peak (20 steps; restart 0.3 as the paper)"
+timeout 120 python3 bench/cascade.py --model sdxl-random --device cuda --stages 1024x1024,2048x2048 --steps 20
+timeout 180 python3 bench/cascade.py --model sdxl-random --device cuda --stages 1024x1024,2048x2048,4096x4096 --steps 20
+echo "== the step ratio: one FreeScale UNet call against a plain one, 2048² and 4096²"
+timeout 90 python3 bench/step_profile.py --device cuda --model sdxl-random --sizes 2048,4096 --repeats 3
+echo "== sharded on the GPU (2 ranks over gloo) against one process"
+timeout 90 python3 bench/gpu_sharded.py --sdxl-size 4096
+echo "== END OF HEADLINE; the rest is ordered by priority"
+
 echo "== tiny cascade on CUDA, twice (reproducibility)"
 for run in 1 2; do
   timeout 120 python3 -m renderer.cli --model tiny --prompt "a green creature" --size 1024x1024 --steps 20 --device cuda --quiet --out /tmp/tiny$run.png
@@ -47,12 +57,6 @@ timeout 420 python3 -m renderer.toy.train_motion --out "$OUT/toy_motion_weights"
 echo "== preflight memory estimate against sdxl-random's measured peak (issue 9)"
 timeout 300 python3 bench/preflight_memory.py --model sdxl-random --device cuda --sizes 2048,4096
 
-echo "== FreeScale step against a plain step, sdxl-random fp16 (issue 12)"
-timeout 300 python3 bench/step_profile.py --device cuda --model sdxl-random --sizes 2048,4096 --components
-
-echo "== sdxl-random 1024 -> 2048 fp16, FreeScale vs direct"
-timeout 240 python3 bench/cascade.py --model sdxl-random --device cuda --stages 1024x1024,2048x2048 --steps 50
-
 echo "== train the toy model on the GPU"
 timeout 330 python3 -m renderer.toy.train --out renderer/models/toy_weights --device cuda --threads 16 \
   --vae-groups 8 --vae-channels 32,64,128,112 \
@@ -62,9 +66,9 @@ timeout 330 python3 -m renderer.toy.train --out renderer/models/toy_weights --de
 echo "== quality benchmark on the GPU, the toy's settings (restart 0.8)"
 timeout 300 python3 bench/quality.py --device cuda --seeds 8 --steps 50 --set restart_fraction=0.8 --out-dir "$OUT/quality"
 
-echo "== sharded path on CUDA (2 ranks sharing the GPU over gloo, rank 0 rendering the base and handing it over) vs one process"
-timeout 280 python3 bench/gpu_sharded.py --sdxl-size 4096
-
 echo "== 8-GPU time model (issue 12): the H200 fit of docs/benchmarks.md; rerun with this card's FreeScale"
 echo "   forward times from the step profile above: python3 bench/time_model.py --measured 2048=S,4096=S"
 python3 bench/time_model.py
+
+echo "== the step by part (issue 38): where a FreeScale step's extra time goes on this card"
+timeout 200 python3 bench/step_profile.py --device cuda --model sdxl-random --sizes 2048,4096 --components --no-timing

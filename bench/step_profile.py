@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -28,7 +29,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# bench/step_compare.py points this at another revision's tree, to time its code with these calls.
+sys.path.insert(0, os.environ.get("STEP_PROFILE_TREE", str(Path(__file__).resolve().parents[1])))
 
 import torch
 from torch import nn

@@ -20,7 +20,7 @@ from freescale_core.freeu import SkipFilter, fourier_filter, freeu
 class Backend:
     """How the two FreeScale operations that see the whole image are computed.
 
-    The default works on whole tensors in one process; `cluster.sharded_backend` gives row-strip versions
+    The default works on whole tensors in one process; `renderer.parallel.sharding` gives row-strip versions
     that exchange what they need with the other strips.
     """
 
@@ -31,17 +31,23 @@ class Backend:
 LOCAL = Backend()
 
 
+def is_temporal(name: str) -> bool:
+    """Whether the module named `name` is inside a motion UNet's (AnimateDiff's) `motion_modules`: those attend
+    along the frames at each pixel, and FreeScale leaves them as the model has them."""
+    return "motion_modules" in name
+
+
 def temporal_modules(unet: nn.Module) -> set[nn.Module]:
-    """Every module inside a motion UNet's (AnimateDiff's) `motion_modules`: they attend along the frames at each
-    pixel, and FreeScale leaves them as the model has them. Empty for an image UNet."""
-    return {module for name, module in unet.named_modules() if "motion_modules" in name}
+    """Every module inside a motion UNet's `motion_modules` (`is_temporal`). Empty for an image UNet."""
+    return {module for name, module in unet.named_modules() if is_temporal(name)}
 
 
 def self_attentions(unet: nn.Module) -> list[Attention]:
-    """Every spatial transformer block's `attn1`, in module order (the order keys the window-jitter streams)."""
-    temporal = temporal_modules(unet)
+    """Every spatial transformer block's `attn1`, in module order (the order keys the window-jitter streams).
+
+    One walk over the modules: this runs on every `freescale_mode` entry, once per UNet call."""
     return [module for name, module in unet.named_modules()
-            if name.endswith("attn1") and isinstance(module, Attention) and module not in temporal]
+            if name.endswith("attn1") and isinstance(module, Attention) and not is_temporal(name)]
 
 
 def train_px(unet: nn.Module, vae_scale: int = 8) -> int:
