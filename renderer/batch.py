@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from renderer.collisions import check_collisions
 from renderer.errors import RenderError
 from renderer.metrics import RenderMetrics
 from renderer.outputs import write_json_lines
@@ -57,7 +58,6 @@ def read_batch(path: Path, defaults: list[str]) -> list[Poster]:
     except OSError as error:
         raise RenderError(f"batch file {path}: {error.strerror or error}") from None
     posters: list[Poster] = []
-    outputs: dict[Path, int] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -82,13 +82,10 @@ def read_batch(path: Path, defaults: list[str]) -> list[Poster]:
             preflight(request)
         except RenderError as error:
             raise RenderError(f"{where}: {error}") from None
-        out = Path(request.out).resolve()
-        if out in outputs:
-            raise RenderError(f"{where}: out {request.out} is also line {outputs[out]}'s; give every poster its own output")
-        outputs[out] = number
         posters.append(Poster(number, request))
     if not posters:
         raise RenderError(f"batch file {path} has no posters; write one JSON object per line")
+    check_collisions(posters, str(path))
     return posters
 
 

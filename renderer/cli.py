@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", choices=("float16", "bfloat16", "float32"), help="default: float16 on CUDA, float32 on CPU")
     add("--out", type=Path, default=Path("poster.tif"),
         help="output: .tif (tiled pyramid, default poster.tif), .ome.tif (pyramid in SubIFDs), .png, or .mp4 for a clip; "
-             "a .json sidecar goes beside it")
+             "its sidecar OUT.json (every file beside it is named after OUT's full name) goes beside it")
     add("--compression", choices=COMPRESSIONS, default="deflate", help="TIFF tile compression (default deflate, lossless)")
     add("--dpi", type=float, default=300.0, help="print resolution stored in the TIFF (default 300)")
     add("--tile-size", type=int, default=512, help="TIFF tile side in pixels, a multiple of 16 (default 512)")
