@@ -11,6 +11,8 @@ $(BIN)/freescale-render: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	# libtiff's tools decode our TIFFs independently in the tests (Debian package; needs root).
 	command -v tiffcp >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq libtiff-tools || (apt-get update -qq && apt-get install -y -qq libtiff-tools)) >/dev/null; } || true
+	# `ip` (iproute2) makes the network namespaces of the multi-host tests (tests/test_hosts.py; needs root).
+	command -v ip >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq iproute2 || (apt-get update -qq && apt-get install -y -qq iproute2)) >/dev/null; } || true
 	# promtool and a Prometheus server for the monitoring tests, unpacked from Debian's package (no service started).
 	tools/fetch_prometheus.sh $(VENV)/prometheus
 	touch $@

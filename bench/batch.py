@@ -18,6 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
+from renderer.outputs import sidecar_path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from ray_head import running_head  # noqa: E402
@@ -41,7 +43,7 @@ def submit(head, *entrypoint: str) -> None:
 def sidecar_seconds(outs: list[Path]) -> tuple[float, float]:
     """Summed over the posters: their stages' seconds (rendering), and their whole time from the plan to the
     sidecar (the stages, each poster's final decode and TIFF, and the first poster's gang start and model load)."""
-    sidecars = [json.loads(out.with_suffix(".json").read_text())["seconds"] for out in outs]
+    sidecars = [json.loads(sidecar_path(out).read_text())["seconds"] for out in outs]
     return sum(sum(s for s in seconds["stages"] if s) for seconds in sidecars), sum(seconds["total"] for seconds in sidecars)
 
 

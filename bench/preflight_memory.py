@@ -56,7 +56,7 @@ def main() -> None:
                 import json
 
                 measured_peak(args)
-                peak = json.loads((Path(folder) / f"p{size}.json").read_text())["peak_bytes"]
+                peak = json.loads((Path(folder) / f"p{size}.tif.json").read_text())["peak_bytes"]
             else:
                 peak = measured_peak(args)
             print(f"| {size}x{size} | {expected / GiB:.2f} GiB | {peak / GiB:.2f} GiB | {expected / peak:.2f} |", flush=True)

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from renderer.outputs import sidecar_path
+
 GiB = 2**30
 
 
@@ -51,7 +53,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     if status != 0:
         raise SystemExit(f"render failed ({status}): {process.stderr.read()}")
-    sidecar = json.loads(options.out.with_suffix(".json").read_text())
+    sidecar = json.loads(sidecar_path(options.out).read_text())
     stages, seconds = sidecar["stages"], sidecar["seconds"]["stages"]
     workers = sidecar.get("workers", {"stage_ranks": [[0]] * len(stages), "peak_bytes": []})
     print(f"\n{options.size}, {options.model}, {where}, {options.steps} steps, "

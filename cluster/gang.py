@@ -44,6 +44,23 @@ class GangSpec:
     motion_adapter: str | None = None  # a clip's motion modules (`renderer.models.motion`)
 
 
+def use_interface_of(host: str) -> str | None:
+    """Make gloo and NCCL talk over the network interface that holds `host` (the node's address, which Ray and the
+    rendezvous use), unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say otherwise. Without it gloo takes the
+    address the machine's hostname resolves to, which on a multi-homed host (or a network namespace) may be an
+    interface the other hosts cannot reach, or none this host has."""
+    import os
+
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(address.address == host for address in addresses):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+            return name
+    return None
+
+
 class GangWorker:
     """One worker process (a Ray actor): a `Worker` with its own threads and, on a shared GPU, its memory cap."""
 
@@ -64,8 +81,14 @@ class GangWorker:
             probe.bind(("", 0))
             return f"{host}:{probe.getsockname()[1]}"
 
-    def join(self, rank: int, world: int, address: str, backend: str, timeout_s: float) -> None:
+    def join(self, rank: int, world: int, address: str, backend: str, timeout_s: float) -> str:
+        """Join the process group over the interface of this worker's Ray node address; returns that address."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        use_interface_of(host)
         self.worker.join(rank, world, address, backend, timeout_s)
+        return host
 
     def info(self) -> ModelInfo:
         return self.worker.info()
@@ -227,8 +250,8 @@ class Gang(Executor):
         ]
         self.backend = "nccl" if gpus >= 1 else "gloo"
         address = ray.get(self.workers[0].rendezvous_address.remote())
-        ray.get([worker.join.remote(rank, spec.workers, address, self.backend, spec.collective_timeout_s)
-                 for rank, worker in enumerate(self.workers)])
+        self.nodes = ray.get([worker.join.remote(rank, spec.workers, address, self.backend, spec.collective_timeout_s)
+                              for rank, worker in enumerate(self.workers)])
 
     def close(self) -> None:
         """Kill the workers and free their reservation (once; later calls do nothing)."""
@@ -279,9 +302,13 @@ class Gang(Executor):
         gang could go on), without waiting for the others."""
         import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.frames = job.frames  # how many frames `pixel_rows` takes from each worker
-        queue = Queue()
+        # The workers' progress and checkpoint rows reach the driver through this queue (an actor): on the driver's
+        # own node, which needs no CPU for it, so that losing a worker's host never takes the queue with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         pending = [worker.run.remote(job, queue, rank == 0, self.metrics.enabled, on_checkpoint is not None)
                    for rank, worker in enumerate(self.workers)]
         order = {ref: rank for rank, ref in enumerate(pending)}

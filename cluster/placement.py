@@ -36,12 +36,15 @@ def connect(address: str | None, workers: int) -> None:
         joined = address or os.environ.get("RAY_ADDRESS")
         if joined:
             where = f"--address {address}" if address else f"RAY_ADDRESS={joined}"
-            check_listening(joined, where)
+            origin = "" if address else ENVIRONMENT
+            check_listening(joined, where, origin)
             try:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             except ConnectionError as error:
                 raise RenderError(f"{where}: the Ray cluster there did not let this process in ({error}); "
-                                  f"{token_advice()}") from None
+                                  f"{token_advice()}{origin}") from None
+            except ValueError as error:  # an address Ray cannot parse
+                raise RenderError(f"{where}: Ray cannot join it ({error}){origin}") from None
             return
         try:
             ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
@@ -53,16 +56,26 @@ def connect(address: str | None, workers: int) -> None:
             signal.signal(signal.SIGTERM, handler)
 
 
-def check_listening(address: str, where: str, timeout_s: float = 5.0) -> None:
-    """Refuse at once an address where nothing listens (`ray.init` would retry it for minutes)."""
+ADDRESSES = "HOST:6379 (its GCS), ray://HOST:10001, or auto on one of its nodes"
+ENVIRONMENT = " (RAY_ADDRESS is set in this process's environment: unset it, or give --address)"
+
+
+def check_listening(address: str, where: str, origin: str = "", timeout_s: float = 5.0) -> None:
+    """Refuse at once an address where nothing listens (`ray.init` would retry it for minutes), or one that is no
+    address at all; `origin` says where it came from (the environment, for RAY_ADDRESS)."""
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise RenderError(f"{where} is a dashboard URL (the Jobs API, for `ray job submit`); a render joins the cluster "
+                          f"itself: give {ADDRESSES}{origin}")
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if address in ("auto", "local") or not host or not port.isdigit():
-        return  # Ray's own forms: it says what is wrong with them
+    if not host or not port.isdigit():
+        raise RenderError(f"{where} is not a Ray address; give {ADDRESSES}{origin}")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as error:
         raise RenderError(f"{where}: nothing answers at {host}:{port} ({error.strerror or error}); give the address of a "
-                          "running Ray head: HOST:6379 (its GCS), ray://HOST:10001, or auto on one of its nodes") from None
+                          f"running Ray head: {ADDRESSES}{origin}") from None
 
 
 def token_advice() -> str:

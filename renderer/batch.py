@@ -12,6 +12,7 @@ from its checkpoints. The summary (JSON Lines) says per poster what happened.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from renderer.collisions import check_collisions
 from renderer.errors import RenderError
 from renderer.metrics import RenderMetrics
 from renderer.outputs import write_json_lines
@@ -52,48 +54,80 @@ def read_batch(path: Path, defaults: list[str]) -> list[Poster]:
 
     parser = build_parser()
     options = {action.dest: action for action in parser._actions if action.option_strings and action.dest not in NOT_PER_POSTER}
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise RenderError(f"batch file {path}: {error.strerror or error}") from None
+    text = batch_text(path)
     posters: list[Poster] = []
-    outputs: dict[Path, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit inside a prompt
         if not line.strip():
             continue
         where = f"{path} line {number}"
         try:
             fields = json.loads(line)
         except ValueError as error:
-            raise RenderError(f"{where}: not JSON ({error})") from None
+            raise not_one_object_a_line(text, path) or RenderError(f"{where}: not JSON ({error})") from None
         if not isinstance(fields, dict):
             raise RenderError(f"{where}: one JSON object per poster, e.g. {{\"prompt\": \"a red kite\", \"out\": \"kite.tif\"}}")
         if "out" not in fields:
             raise RenderError(f"{where}: field 'out' is required: every poster names its own output")
-        argv = list(defaults)
+        argv, switched_off = list(defaults), []
         for key, value in fields.items():
             action = options.get(str(key).replace("-", "_"))
             if action is None:
                 raise RenderError(f"{where}: unknown field {key!r}; the fields are the CLI's options: "
                                   f"{', '.join(sorted(name.replace('_', '-') for name in options))}")
             argv += option_words(action, value, where, key)
+            if action.nargs == 0 and value is False:
+                switched_off.append(action.dest)
         try:
-            request = request_from_args(parser.parse_args(argv))
+            args = parser.parse_args(argv)
+            for dest in switched_off:  # `"preview": false` turns off a --preview given for every poster
+                setattr(args, dest, False)
+            request = request_from_args(args)
             preflight(request)
         except RenderError as error:
             raise RenderError(f"{where}: {error}") from None
-        out = Path(request.out).resolve()
-        if out in outputs:
-            raise RenderError(f"{where}: out {request.out} is also line {outputs[out]}'s; give every poster its own output")
-        outputs[out] = number
         posters.append(Poster(number, request))
     if not posters:
         raise RenderError(f"batch file {path} has no posters; write one JSON object per line")
+    check_collisions(posters, str(path))
     return posters
 
 
+def batch_text(path: Path) -> str:
+    """The batch file's text: UTF-8, with or without a byte-order mark, lines ending in LF or CRLF."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise RenderError(f"batch file {path}: {error.strerror or error}") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in data[:4096]:
+        raise RenderError(f"batch file {path} is UTF-16 text; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8 {path} > night.jsonl)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise RenderError(f"batch file {path} is not UTF-8 (byte {error.start} is {data[error.start]:#04x}); save it as "
+                          "UTF-8") from None
+
+
+def not_one_object_a_line(text: str, path: Path) -> RenderError | None:
+    """The error for a file that is JSON but not JSON Lines: a pretty-printed object (or several), or an array."""
+    text = text.lstrip()
+    try:
+        first, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None
+    if "\n" not in text[:end]:
+        return None  # the first value is on one line: the line that failed is the one to name
+    if isinstance(first, dict):
+        return RenderError(f"batch file {path} holds a JSON object over several lines; a batch is JSON Lines, one poster's "
+                           f"object on each line (jq -c . {path} writes it so)")
+    if isinstance(first, list):
+        return RenderError(f"batch file {path} is a JSON array; a batch is JSON Lines, one poster's object on each line "
+                           f"(jq -c '.[]' {path} writes it so)")
+    return None
+
+
 def option_words(action, value, where: str, key: str) -> list[str]:
-    """The command-line words of one field: a flag for `true`, nothing for `false`, else `--option value`."""
+    """The command-line words of one field: a flag for `true`, nothing for `false`, else `--option=value`, so that
+    a value beginning with `-` (a negative prompt `-text, -watermark`) stays a value."""
     option = max(action.option_strings, key=len)
     if action.nargs == 0:
         if not isinstance(value, bool):
@@ -101,7 +135,7 @@ def option_words(action, value, where: str, key: str) -> list[str]:
         return [option] if value else []
     if isinstance(value, (dict, list)) or value is None:
         raise RenderError(f"{where}: field {key!r} takes one value (a string or a number), not {json.dumps(value)}")
-    return [option, str(value)]
+    return [f"{option}={value}"]
 
 
 def render_many(requests: list[RenderRequest], progress: bool = True, metrics: bool | RenderMetrics = False,

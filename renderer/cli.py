@@ -4,6 +4,7 @@ check an output."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", choices=("float16", "bfloat16", "float32"), help="default: float16 on CUDA, float32 on CPU")
     add("--out", type=Path, default=Path("poster.tif"),
         help="output: .tif (tiled pyramid, default poster.tif), .ome.tif (pyramid in SubIFDs), .png, or .mp4 for a clip; "
-             "a .json sidecar goes beside it")
+             "its sidecar OUT.json (every file beside it is named after OUT's full name) goes beside it")
     add("--compression", choices=COMPRESSIONS, default="deflate", help="TIFF tile compression (default deflate, lossless)")
     add("--dpi", type=float, default=300.0, help="print resolution stored in the TIFF (default 300)")
     add("--tile-size", type=int, default=512, help="TIFF tile side in pixels, a multiple of 16 (default 512)")
@@ -131,6 +132,19 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
     )
 
 
+COMMANDS = ("batch", "inspect")
+
+
+def check_command_first(argv: list[str], parser: argparse.ArgumentParser) -> None:
+    """`freescale-render --model toy batch FILE`: a command word after options (never an option's value) is refused
+    with the command line that works, its word and file first."""
+    takes_value = {name for action in parser._actions if action.nargs != 0 for name in action.option_strings}
+    for index, word in enumerate(argv):
+        if word in COMMANDS and index and argv[index - 1] not in takes_value:
+            works = ["freescale-render", word, *argv[index + 1 : index + 2], *argv[:index], *argv[index + 2 :]]
+            raise RenderError(f"'{word}' must come first, before any option: {shlex.join(works)}")
+
+
 def dry_run(request: RenderRequest) -> int:
     """Print what the render would do and need, without loading any weight."""
     from renderer.preflight import preflight
@@ -167,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                     from renderer.batch import batch_command
 
                     return batch_command(argv[1:], posters)
-                args = build_parser().parse_args(argv)
+                parser = build_parser()
+                check_command_first(argv, parser)
+                args = parser.parse_args(argv)
                 request = request_from_args(args)
                 if args.dry_run:
                     return dry_run(request)

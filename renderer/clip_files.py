@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from renderer.memory import peak_memory
-from renderer.outputs import atomic_path, sidecar_path, stage_path, write_json
+from renderer.outputs import atomic_path, beside, sidecar_path, stage_path, write_json
 
 log = logging.getLogger("freescale_poster")
 
@@ -34,11 +34,11 @@ PREVIEW_SIDE = 256
 
 
 def frames_path(out: Path) -> Path:
-    return Path(out).with_suffix(".frames.tif")
+    return beside(out, ".frames.tif")
 
 
 def preview_path(out: Path) -> Path:
-    return Path(out).with_suffix(".preview.gif")
+    return beside(out, ".preview.gif")
 
 
 def mp4_size(width: int, height: int) -> tuple[int, int]:
@@ -107,7 +107,7 @@ def write_clip(request, result, bands: Iterable[np.ndarray], started: float, dev
     out = Path(request.out)
     written = []
     for index, (size, stage_frames) in enumerate(zip(result.stages, result.stage_images)):
-        written.append(stage_path(out, index, size).with_suffix(".gif"))
+        written.append(stage_path(out, index, size, ".gif"))
         write_animation(written[-1], stage_frames, request.fps)
     width, height = result.stages[-1]
     size = mp4_size(width, height)

@@ -215,6 +215,7 @@ def gang_summary(executor: Executor, plan: StagePlan, outcome, cfg_split: bool) 
     return {
         "count": executor.ranks, "backend": executor.backend, "device": executor.device, "first_stage": plan.first_sharded,
         "bundle": executor.bundle, "placed_at": executor.placed_at,  # each worker's reservation; when the gang got it (Unix s)
+        "nodes": executor.nodes,  # each rank's host (its Ray node address)
         "strips": [result.rows for result in ranks], "cfg_split": cfg_split and executor.ranks % 2 == 0,
         "stage_ranks": outcome.stage_ranks(count), "peak_bytes": [result.peak_bytes for result in ranks],
         "stage_seconds": [[result.seconds.get(stage) for stage in range(count)] for result in ranks],

@@ -56,6 +56,7 @@ class Executor(ABC):
     ranks: int = 1
     device: str = "cpu"  # where the ranks run: "cpu" or "cuda"
     waited_s: float = 0.0  # how long the ranks waited for their place (a gang, for the cluster's resources)
+    nodes: list[str] = []  # each rank's host: a gang's Ray node addresses (none in-process)
 
     @staticmethod
     def get_class(request: RenderRequest) -> type["Executor"]:

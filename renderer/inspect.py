@@ -36,13 +36,20 @@ def check_tiles(page: tifffile.TiffPage) -> int:
     try:
         for segment, _, _ in page.segments():
             if segment is None:
-                raise RenderError(f"page {page.index}: tile {decoded} does not decode")
+                raise RenderError(f"page {page.index}: tile {decoded} does not decode ({tile_place(page, decoded)})")
             decoded += 1
     except RenderError:
         raise
     except Exception as error:  # any codec error means a damaged tile
-        raise RenderError(f"page {page.index}: tile {decoded} does not decode ({type(error).__name__}: {error})") from error
+        raise RenderError(f"page {page.index}: tile {decoded} does not decode ({tile_place(page, decoded)}; "
+                          f"{type(error).__name__}: {error})") from error
     return decoded
+
+
+def tile_place(page: tifffile.TiffPage, index: int) -> str:
+    across = -(-page.imagewidth // page.tilewidth)
+    row, column = divmod(index, across)
+    return f"tile row {row}, column {column}: pixels from x {column * page.tilewidth}, y {row * page.tilelength}"
 
 
 def describe(path: Path) -> dict:
@@ -54,21 +61,31 @@ def describe(path: Path) -> dict:
         tif = tifffile.TiffFile(path)
     except (OSError, tifffile.TiffFileError) as error:
         raise RenderError(f"{path} is not a readable TIFF ({error})") from error
-    with tif:
-        pages = levels(tif)
-        first = pages[0]
-        parameters = None
-        if first.description and first.description.lstrip().startswith("{"):
-            parameters = json.loads(first.description)
-        report = {
-            "file": str(path), "bigtiff": tif.is_bigtiff, "ome": tif.is_ome,
-            "size": f"{first.imagewidth}x{first.imagelength}",
-            "levels": [f"{page.imagewidth}x{page.imagelength}" for page in pages],
-            "tile": f"{first.tilewidth}x{first.tilelength}", "compression": first.compression.name,
-            "dpi": first.get_resolution()[0] if first.tags.get("XResolution") else None,
-            "software": first.software, "prompt": read_xmp_prompt(path), "parameters": parameters,
-            "frames": len(tif.series[0].levels[0].pages), "tiles_checked": sum(check_tiles(page) for page in every_page(tif)),
-        }
+    try:
+        with tif:
+            return report_of(path, tif)
+    except RenderError as error:
+        raise RenderError(f"{path}: {error}") from None
+    except Exception as error:  # a damaged IFD chain or tag: tifffile raises many kinds
+        raise RenderError(f"{path} is damaged ({type(error).__name__}: {error}); it cannot be read as a TIFF") from None
+
+
+def report_of(path: Path, tif: tifffile.TiffFile) -> dict:
+    """The inspect report of an open TIFF; every tile of every page is decoded."""
+    pages = levels(tif)
+    first = pages[0]
+    parameters = None
+    if first.description and first.description.lstrip().startswith("{"):
+        parameters = json.loads(first.description)
+    report = {
+        "file": str(path), "bigtiff": tif.is_bigtiff, "ome": tif.is_ome,
+        "size": f"{first.imagewidth}x{first.imagelength}",
+        "levels": [f"{page.imagewidth}x{page.imagelength}" for page in pages],
+        "tile": f"{first.tilewidth}x{first.tilelength}", "compression": first.compression.name,
+        "dpi": first.get_resolution()[0] if first.tags.get("XResolution") else None,
+        "software": first.software, "prompt": read_xmp_prompt(path), "parameters": parameters,
+        "frames": len(tif.series[0].levels[0].pages), "tiles_checked": sum(check_tiles(page) for page in every_page(tif)),
+    }
     return report
 
 

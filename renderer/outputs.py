@@ -45,10 +45,22 @@ def write_json_lines(path: Path, rows: list[dict]) -> None:
         temporary.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows), encoding="utf-8")
 
 
-def sidecar_path(out: Path) -> Path:
-    return Path(out).with_suffix(".json")
-
-
-def stage_path(out: Path, index: int, size: tuple[int, int]) -> Path:
+def beside(out: Path, tail: str) -> Path:
+    """A file a render writes beside its output: the output's FULL name and `tail` (`scene.tif` -> `scene.tif.json`),
+    so that no two outputs' files share a name (`scene.tif` and `scene.png`, `kite.seed1.tif` and `kite.seed2.tif`)."""
     out = Path(out)
-    return out.with_name(f"{out.stem}.stage{index}-{size[0]}x{size[1]}.png")
+    return out.with_name(out.name + tail)
+
+
+def sidecar_path(out: Path) -> Path:
+    return beside(out, ".json")
+
+
+def preview_path(out: Path) -> Path:
+    """A poster's PNG preview (a clip's is `renderer.clip_files.preview_path`)."""
+    return beside(out, ".preview.png")
+
+
+def stage_path(out: Path, index: int, size: tuple[int, int], extension: str = ".png") -> Path:
+    """An intermediate stage's image (--save-stages): `.png` for a poster, `.gif` for a clip."""
+    return beside(out, f".stage{index}-{size[0]}x{size[1]}{extension}")

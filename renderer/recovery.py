@@ -31,10 +31,10 @@ def run_recovering(request: RenderRequest, executors: Executors, job: StageJob, 
             checkpoint = store.newest() if store is not None else None
             if checkpoint is not None and start_position(resume_job(job, checkpoint)) >= start_position(job):
                 job = resume_job(job, checkpoint)
-            before = executor.ranks
+            before, hosts = executor.ranks, list(executor.nodes)
             executors.discard()
             workers = workers_for_restart(request, geometry, job, before)
-            restarts.append({"error": str(error), "workers_before": before, "workers_after": workers,
+            restarts.append({"error": str(error), "workers_before": before, "workers_after": workers, "hosts_before": hosts,
                              "resumed_from": {"stage": job.first, "step": job.resume_step}})
             log.warning("%s; restarting with %d workers from stage %d%s (restart %d of at most %d)", error, workers, job.first,
                         f" step {job.resume_step}" if job.resume_step is not None else "", len(restarts), request.max_restarts)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from renderer.memory import peak_memory
-from renderer.outputs import sidecar_path, stage_path, write_json, write_png
+from renderer.outputs import preview_path, sidecar_path, stage_path, write_json, write_png
 from renderer.tiff import TiffOptions, write_preview, write_pyramid
 
 LIBRARIES = ("freescale-poster", "torch", "diffusers", "transformers", "numpy", "pillow", "tifffile", "av")
@@ -54,10 +54,6 @@ def write_outputs(request, result, rows: Iterable[np.ndarray], started: float, d
     result.metadata["peak_bytes"] = peak_memory(device)
     write_json(sidecar_path(out), result.metadata)
     return [*written, out, sidecar_path(out)]
-
-
-def preview_path(out: Path) -> Path:
-    return out.with_name(out.name.split(".")[0] + ".preview.png")
 
 
 def software_name() -> str:

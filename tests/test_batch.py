@@ -15,6 +15,7 @@ from ray_head import VENV_BIN
 from renderer.batch import read_batch
 from renderer.cli import main
 from renderer.errors import RenderError
+from renderer.outputs import sidecar_path
 
 FREESCALE = str(VENV_BIN / "freescale-render")
 COMMON = ["--steps", "4", "--checkpoint-every-steps", "1"]
@@ -57,7 +58,7 @@ def test_a_batch_renders_every_poster_as_it_would_be_rendered_alone(ray_session,
     alone.mkdir()
     for poster in posters:
         assert Path(poster["out"]).read_bytes() == render_alone(poster, alone / Path(poster["out"]).name), poster["out"]
-    sidecars = [json.loads(Path(poster["out"]).with_suffix(".json").read_text()) for poster in posters]
+    sidecars = [json.loads(sidecar_path(poster["out"]).read_text()) for poster in posters]
     assert sidecars[2]["workers"]["count"] == 2 and "workers" not in sidecars[0]
 
 
@@ -121,7 +122,7 @@ def test_a_batch_stopped_inside_its_second_poster_goes_on_where_it_was(tmp_path)
     assert again.returncode == 0, again.stderr
     reports = summary(tmp_path, batch)
     assert [(report["outcome"], report["resumed"]) for report in reports] == [("skipped", False), ("succeeded", True), ("succeeded", False)]
-    assert json.loads((tmp_path / "two.json").read_text())["resumed_from"]["stage"] == 1
+    assert json.loads((tmp_path / "two.png.json").read_text())["resumed_from"]["stage"] == 1
     alone = tmp_path / "alone"
     alone.mkdir()
     for poster in posters:

@@ -23,6 +23,7 @@ from renderer.errors import RenderError
 from renderer.inspect import describe
 from renderer.clip_files import frames_path, mp4_size, preview_path
 from renderer.models import load_pipeline
+from renderer.outputs import sidecar_path
 from renderer.stages import Conditioning, fresh_scheduler, predict_noise
 from test_resume import StopAt, Stopped, checkpoints, run_cli, wait_for
 
@@ -49,9 +50,9 @@ def test_a_clip_gives_an_mp4_lossless_frames_a_preview_and_a_sidecar(video_pipel
     assert report["frames"] == 2 and report["tiles_checked"] == 2 and report["parameters"]["render_id"]
     with Image.open(preview_path(out)) as preview:
         assert preview.n_frames == 2 and max(preview.size) == 256
-    with Image.open(tmp_path / "clip.stage0-256x256.gif") as stage:  # --save-stages: the base stage's frames
+    with Image.open(tmp_path / "clip.mp4.stage0-256x256.gif") as stage:  # --save-stages: the base stage's frames
         assert stage.n_frames == 2 and stage.size == (256, 256)
-    sidecar = json.loads(out.with_suffix(".json").read_text())
+    sidecar = json.loads(sidecar_path(out).read_text())
     assert sidecar["clip"]["frames"] == 2 and sidecar["request"]["frames"] == 2 and sidecar["clip"]["mp4_size"] == [512, 512]
 
 
@@ -104,7 +105,7 @@ def test_two_workers_render_the_single_process_clip(ray_session, video_pipeline,
     assert sharded.image.shape == single.image.shape == (2, 512, 512, 3)
     assert np.abs(sharded.image.astype(int) - single.image).max() <= 1
     assert np.array_equal(tifffile.imread(frames_path(out)), sharded.image)
-    assert json.loads(out.with_suffix(".json").read_text())["workers"]["stage_ranks"] == [[0], [0, 1]]
+    assert json.loads(sidecar_path(out).read_text())["workers"]["stage_ranks"] == [[0], [0, 1]]
 
 
 def wrong_adapter(folder: Path) -> str:
@@ -178,6 +179,6 @@ def test_a_clip_stopped_by_sigterm_resumes_to_the_same_bytes(tmp_path):
     assert first.wait(60) != 0 and not out.exists()
     second = run_cli([*args, "--out", str(out)])
     assert second.wait(300) == 0, second.stderr.read()
-    assert json.loads(out.with_suffix(".json").read_text())["resumed_from"]["stage"] == 1
+    assert json.loads(sidecar_path(out).read_text())["resumed_from"]["stage"] == 1
     assert out.read_bytes() == whole.read_bytes()
     assert np.array_equal(tifffile.imread(frames_path(out)), tifffile.imread(frames_path(whole)))

@@ -15,6 +15,7 @@ from freescale_core import FreeScaleConfig
 from renderer.cli import build_parser, request_from_args
 from renderer.cli import main as cli_main
 from renderer.errors import RenderError
+from renderer.outputs import sidecar_path
 from polling import wait_until
 
 
@@ -43,14 +44,14 @@ def test_two_workers_write_the_single_process_render(ray_session, tiny_pipeline,
         written = tif.pages[0].asarray()
     assert written.shape == single.image.shape
     assert np.abs(written.astype(int) - single.image).max() <= 1
-    sidecar = json.loads(out.with_suffix(".json").read_text())
+    sidecar = json.loads(sidecar_path(out).read_text())
     assert sidecar["workers"]["count"] == 2 and sidecar["workers"]["backend"] == "gloo"
     assert sidecar["workers"]["cfg_split"] is True  # an even gang: one guidance branch per worker (renderer.parallel.guidance)
     assert sidecar["workers"]["strips"] == [[0, 64], [64, 128]]
     assert sidecar["workers"]["stage_ranks"] == [[0], [0, 1], [0, 1]]  # the base stage on rank 0, inside the gang
     assert sidecar["device"] == "cpu" and sidecar["dtype"] == "float32"  # the workers' model, not a driver's
     for index, expected in enumerate(single.stage_images):
-        stage = np.asarray(Image.open(tmp_path / f"sharded.stage{index}-{['256x256', '512x512'][index]}.png"))
+        stage = np.asarray(Image.open(tmp_path / f"sharded.png.stage{index}-{['256x256', '512x512'][index]}.png"))
         assert np.abs(stage.astype(int) - expected).max() <= 1
 
 

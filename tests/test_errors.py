@@ -121,7 +121,7 @@ def test_cli_success_writes_outputs(capsys, workdir):
     code, stdout, _ = run_cli(capsys, ["--prompt", "a cat", "--quiet", "--stages", "256x256,512x512", "--steps", "2", "--image", str(inputs / "base.png"), "--out", str(out / "ok.png")])
     assert code == 0
     assert "512x512" in stdout
-    assert files_in(out) == {"ok.png", "ok.json"}
+    assert files_in(out) == {"ok.png", "ok.png.json"}
 
 
 # ------------------------------------------------------------------------------------------ Python API

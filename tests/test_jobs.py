@@ -35,6 +35,7 @@ from polling import wait_until
 from ray_head import RAY, VENV_BIN, ray_head  # noqa: F401  (ray_head: the module's Ray head fixture)
 from renderer import render
 from renderer.cli import build_parser, request_from_args
+from renderer.outputs import sidecar_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = ROOT / "deploy" / "runtime_env.yaml"
@@ -144,7 +145,7 @@ def test_runtime_env_keeps_the_uploaded_working_dir_small(tmp_path):
     dropped = [".git/objects/pack/pack-1.pack", ".venv/lib/python3.11/site-packages/torch/lib.so", "renderer/__pycache__/cli.cpython-311.pyc",
                ".pytest_cache/v/cache", ".hypothesis/examples/x", "freescale_poster.egg-info/PKG-INFO", "out/demo.tif",
                "bench/results/run.json", "poster.tif", "kite.ome.tif", ".poster.tif.k2j3.partial", ".pyramid-x1/level1.raw",
-               "poster.tif.checkpoints/abc/stage1.safetensors", "poster.stage0-256x256.png", "poster.preview.png",
+               "poster.tif.checkpoints/abc/stage1.safetensors", "poster.tif.stage0-256x256.png", "poster.tif.preview.png",
                "docs/quality_contact_sheet.png", "renderer/models/toy_weights/unet/diffusion_pytorch_model.safetensors",
                "models/sdxl.ckpt", "models/pytorch_model.bin", "lora.pt"]
     for name in kept + dropped:
@@ -245,7 +246,7 @@ def test_ray_job_submit_renders_the_single_process_image(ray_head, tiny_pipeline
     entrypoint = lines(logs.split("Running entrypoint for job", 1)[1])[1:]  # what freescale-render printed
     assert entrypoint == [f"wrote {out} (512x512, stages 256x256 -> 512x512)"], logs
 
-    sidecar = json.loads(out.with_suffix(".json").read_text())
+    sidecar = json.loads(sidecar_path(out).read_text())
     assert sidecar["workers"]["count"] == 2
     assert sidecar.get("ray_job_submission_id") == sid  # recorded by renderer.engine from renderer.jobs.submission_id()
 

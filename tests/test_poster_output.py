@@ -23,8 +23,8 @@ def test_tiff_poster_reads_back_pixel_equal_with_parameters(tmp_path, tiny_pipel
         stored = json.loads(tif.pages[0].description)
     assert stored["request"]["prompt"] == prompt and stored["vae_mode"] == "exact"
     assert read_xmp_prompt(tmp_path / "p.tif") == prompt
-    assert (tmp_path / "p.preview.png").is_file()
-    sidecar = json.loads((tmp_path / "p.json").read_text())
+    assert (tmp_path / "p.tif.preview.png").is_file()
+    sidecar = json.loads((tmp_path / "p.tif.json").read_text())
     assert sidecar["stages"] == ["256x256", "512x512"]
 
     assert cli_main(["inspect", str(tmp_path / "p.tif")]) == 0

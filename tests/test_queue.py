@@ -24,6 +24,7 @@ from ray_head import RAY, VENV_BIN, running_head
 from test_jobs import job_logs, job_status, ray_job_id  # the Jobs REST API, read as test_jobs reads it
 from renderer import render
 from renderer.cli import build_parser, request_from_args
+from renderer.outputs import sidecar_path
 
 FREESCALE_ARGS = ["--stages", "256x256,512x512", "--workers", "2", "--quiet"]
 
@@ -76,9 +77,9 @@ def test_posters_submitted_together_render_one_after_another(small_head, tiny_pi
 
     held = []  # (placed, done) of each gang: when Ray placed it, and when its sidecar was written (the gang still held)
     for sid, (seed, steps, out) in posters.items():
-        sidecar = json.loads(out.with_suffix(".json").read_text())
+        sidecar = json.loads(sidecar_path(out).read_text())
         assert sidecar["workers"]["bundle"] == {"CPU": 1}, "each gang takes all of the head's 2 CPUs"
-        held.append((sidecar["workers"]["placed_at"], out.with_suffix(".json").stat().st_mtime, sidecar["seconds"]["waiting"], sid))
+        held.append((sidecar["workers"]["placed_at"], sidecar_path(out).stat().st_mtime, sidecar["seconds"]["waiting"], sid))
         single = render(request_from_args(build_parser().parse_args(
             ["--prompt", "a red kite", "--seed", str(seed), "--stages", "256x256,512x512", "--steps", str(steps),
              "--out", str(tmp_path / "single.tif")])), pipeline=tiny_pipeline, progress=False, write=False)

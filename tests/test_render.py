@@ -12,6 +12,7 @@ from PIL import Image
 
 from freescale_core import FreeScaleConfig
 from renderer import RenderRequest, RenderResult, render
+from renderer.outputs import sidecar_path
 
 PROMPT = "a red lighthouse on a cliff"
 
@@ -38,7 +39,7 @@ def test_output_png(rendered):
     # a real picture, not a constant
     assert pixels.std() > 1.0
     # no temporary files left beside it
-    assert sorted(p.name for p in request.out.parent.iterdir()) == ["a.json", "a.png"]
+    assert sorted(p.name for p in request.out.parent.iterdir()) == ["a.png", "a.png.json"]
 
 
 def test_result_fields(rendered):
@@ -50,7 +51,7 @@ def test_result_fields(rendered):
 
 def test_sidecar(rendered):
     request, result = rendered
-    sidecar = request.out.with_suffix(".json")
+    sidecar = sidecar_path(request.out)
     assert sidecar.is_file()
     data = json.loads(sidecar.read_text())
     assert data["stages"] == ["256x256", "512x512", "1024x1024"]
@@ -78,7 +79,7 @@ def test_sidecar(rendered):
 
 def test_sidecar_has_total_time(rendered):
     request, result = rendered
-    data = json.loads(request.out.with_suffix(".json").read_text())
+    data = json.loads(sidecar_path(request.out).read_text())
     assert data["seconds"]["total"] == pytest.approx(result.metadata["seconds"]["total"])
 
 
@@ -102,7 +103,7 @@ def test_different_seed_gives_different_image(tiny_pipeline, tmp_path):
     assert a.image.shape == b.image.shape == (512, 512, 3)
     assert not np.array_equal(a.image, b.image)
     assert (tmp_path / "s0.png").read_bytes() != (tmp_path / "s1.png").read_bytes()
-    assert json.loads((tmp_path / "s1.json").read_text())["request"]["seed"] == 1
+    assert json.loads((tmp_path / "s1.png.json").read_text())["request"]["seed"] == 1
 
 
 def test_write_false_writes_nothing(tiny_pipeline, tmp_path):
@@ -115,7 +116,7 @@ def test_write_false_writes_nothing(tiny_pipeline, tmp_path):
 def test_save_stages_writes_intermediate_pngs(tiny_pipeline, tmp_path):
     request = small_request(tmp_path, "st.png", save_stages=True)
     result = render(request, pipeline=tiny_pipeline, progress=False)
-    stage0 = tmp_path / "st.stage0-256x256.png"
+    stage0 = tmp_path / "st.png.stage0-256x256.png"
     assert stage0.is_file()
     with Image.open(stage0) as image:
         assert image.size == (256, 256)

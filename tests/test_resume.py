@@ -16,6 +16,7 @@ import torch
 
 from renderer import RenderRequest, render
 from renderer.checkpoints import CheckpointStore
+from renderer.outputs import sidecar_path
 from renderer.progress import Progress
 
 STAGES = ((256, 256), (512, 512), (1024, 1024))
@@ -90,7 +91,7 @@ def test_sigterm_after_a_stage_and_mid_stage_then_resume_gives_identical_bytes(t
     third = run_cli([*COMMAND, "--out", str(out)])
     assert third.wait(300) == 0, third.stderr.read()
     assert out.read_bytes() == whole.read_bytes()
-    sidecar = json.loads(out.with_suffix(".json").read_text())
+    sidecar = json.loads(sidecar_path(out).read_text())
     assert sidecar["resumed_from"] == {"stage": 2, "step": stopped_at}
     assert sidecar["seconds"]["stages"][0] is None and sidecar["seconds"]["stages"][1] is None  # not recomputed
     assert sidecar["seconds"]["stages"][2] > 0
