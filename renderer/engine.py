@@ -32,7 +32,7 @@ from renderer.preflight import preflight
 from renderer.progress import Progress
 from renderer.recovery import resume_job, run_recovering
 from renderer.render_plan import StagePlan, check_device, decode_modes, denoising_plan, plan_stages
-from renderer.request import RenderRequest, Size, format_size
+from renderer.request import RenderRequest, Size, format_size, guided
 from renderer.stage_loop import Prompt, StageJob
 from renderer.writing import library_versions, tee_into, write_outputs
 
@@ -172,7 +172,7 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
             "ray_job_submission_id": submission_id(),
             "seconds": {"stages": [outcome.stage_seconds.get(index) for index in range(len(stages))],
                         **({"waiting": executor.waited_s} if request.workers else {})},
-            **({"workers": gang_summary(executor, plan, outcome, request.cfg_split)} if request.workers else {}),
+            **({"workers": gang_summary(executor, plan, outcome, request.cfg_split and guided(request.guidance))} if request.workers else {}),
         },
     )
 

@@ -17,6 +17,13 @@ from renderer.tiff import TiffOptions
 from renderer.vae_bands import VAE_MODES
 
 Size = tuple[int, int]  # (width, height) in pixels, as users write it
+# At guidance <= 1 classifier-free guidance is off (diffusers' rule): the UNet runs the conditional branch alone.
+GUIDED_ABOVE = 1.0
+
+
+def guided(guidance: float) -> bool:
+    """Whether a render at this guidance runs both classifier-free branches."""
+    return guidance > GUIDED_ABOVE
 
 
 def parse_size(text: str, option: str = "--size") -> Size:

@@ -31,7 +31,7 @@ from renderer.parallel.guidance import GuidanceSplit, guidance_split
 from renderer.parallel.sharding import sharded_backend, sharding
 from renderer.parallel.strips import RowGroup, StripLayout, plan_strips, received_bytes
 from renderer.progress import Progress
-from renderer.request import ModelGeometry
+from renderer.request import ModelGeometry, guided
 from renderer.stages import Conditioning, encode, generate_base, upscale_stage
 from renderer.strip_vae import decode_strip, stage_reference
 from renderer.vae_bands import to_pixels
@@ -75,6 +75,11 @@ class StageJob:
     first_sharded: int | None = None  # stages before it run on rank 0 alone (None: every stage on every rank)
     stage_ends: dict[int, torch.Tensor] = field(default_factory=dict)  # with save_stages: latents of stages not run, to decode
     frames: int = 1  # a clip's frames: the latents' batch, denoised together by a motion UNet
+
+    @property
+    def guided(self) -> bool:
+        """Both guidance branches run (guidance above 1); else the conditional one alone, and nothing to split."""
+        return guided(self.cond.guidance if self.cond is not None else self.prompt.guidance)
 
 
 @dataclass
@@ -120,11 +125,12 @@ def run_stages(pipeline, job: StageJob, group=None, local: bool = False, progres
                checkpoint: CheckpointSink | None = None, metrics: RenderMetrics = NULL_METRICS) -> StageRun:
     """Run the job's stages on this rank: `local` for one process holding every row (a group of one, whose
     exchanges are no-ops), else as one rank of `group` (every rank calls this with the same job). An even
-    gang splits classifier-free guidance between its halves if the job asks (`renderer.parallel.guidance`)."""
+    gang splits classifier-free guidance between its halves if the job asks and guidance is on
+    (`renderer.parallel.guidance`)."""
     world = 1 if local else torch.distributed.get_world_size(group)
     if job.first == 0 and world > 1:
         raise ValueError("the base stage runs on one rank: give it a group of one")
-    split = guidance_split(group) if job.cfg_split and world % 2 == 0 else nullcontext()
+    split = guidance_split(group) if job.cfg_split and world % 2 == 0 and job.guided else nullcontext()
     with split as guide, torch.inference_mode():
         return stage_loop(pipeline, job, group, local, world, guide, progress or Progress(False), checkpoint, metrics)
 

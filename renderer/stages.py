@@ -15,11 +15,13 @@ from freescale_core.cascade import restart_index, skip_residual_weight
 from freescale_core.mode import LOCAL, Backend
 from freescale_core.rng import normal
 from renderer.progress import Progress
+from renderer.request import guided
 
 
 @dataclass
 class Conditioning:
-    """Prompt embeddings for the CFG batch [negative, positive] and the fixed base-size micro-conditioning."""
+    """Prompt embeddings for the CFG batch [negative, positive] (guidance off: [positive] alone) and the fixed
+    base-size micro-conditioning."""
 
     prompt_embeds: torch.Tensor
     text_embeds: torch.Tensor
@@ -42,10 +44,11 @@ def encode_prompts(pipeline: StableDiffusionXLPipeline, prompt: str, negative_pr
     )
     height, width = base_hw
     time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).repeat(2, 1)
-    return Conditioning(
+    cond = Conditioning(
         prompt_embeds=torch.cat([negative, embeds]).to(dtype), text_embeds=torch.cat([negative_pooled, pooled]).to(dtype),
         time_ids=time_ids, guidance=guidance,
     )
+    return cond if guided(guidance) else cond.branch(1)
 
 
 BothBranches = Callable[[torch.Tensor], torch.Tensor]  # one branch's prediction -> [negative, positive]
@@ -54,7 +57,8 @@ BothBranches = Callable[[torch.Tensor], torch.Tensor]  # one branch's prediction
 def predict_noise(pipeline: StableDiffusionXLPipeline, scheduler, latents: torch.Tensor, timestep, cond: Conditioning,
                   both_branches: BothBranches | None = None) -> torch.Tensor:
     """One CFG UNet call; latents are fp32, the UNet runs in its own dtype. With `both_branches` (a rank of a
-    guidance split, `renderer.parallel.guidance`), `cond` is one branch and the other comes from the partner."""
+    guidance split, `renderer.parallel.guidance`), `cond` is one branch and the other comes from the partner.
+    Without it, a one-branch `cond` is guidance off: the conditional prediction is the noise."""
     batch = cond.prompt_embeds.shape[0]
     model_input = scheduler.scale_model_input(torch.cat([latents] * batch), timestep).to(pipeline.unet.dtype)
     states = cond.prompt_embeds
@@ -70,6 +74,8 @@ def predict_noise(pipeline: StableDiffusionXLPipeline, scheduler, latents: torch
         noise = noise.transpose(1, 2).flatten(0, 1)
     if both_branches is not None:
         noise = both_branches(noise)
+    elif batch == 1:
+        return noise
     negative, positive = noise.chunk(2)
     return negative + cond.guidance * (positive - negative)
 
