@@ -12,6 +12,7 @@ from its checkpoints. The summary (JSON Lines) says per poster what happened.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -95,6 +96,8 @@ def read_batch(path: Path, defaults: list[str]) -> list[Poster]:
 def option_words(action, value, where: str, key: str) -> list[str]:
     """The command-line words of one field: a flag for `true`, nothing for `false`, else `--option value`."""
     option = max(action.option_strings, key=len)
+    if isinstance(value, list) and isinstance(action, argparse._AppendAction):  # a repeatable option: one word per item
+        return [word for item in value for word in option_words(action, item, where, key)]
     if action.nargs == 0:
         if not isinstance(value, bool):
             raise RenderError(f"{where}: field {key!r} is a switch: give true or false, not {value!r}")

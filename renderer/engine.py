@@ -146,7 +146,7 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
         final_mode=modes[-1], mask=load_mask(request.mask, base) if request.mask else None, initial=initial,
         save_stages=request.save_stages, checkpoint_steps=request.checkpoint_every_steps,
         checkpoint_seconds=request.checkpoint_every_minutes * 60, cfg_split=request.cfg_split,
-        first_sharded=plan.first_sharded, frames=request.frames,
+        first_sharded=plan.first_sharded, frames=request.frames, scheduler=request.scheduler_choice,
     )
     history: dict = {"render_id": identity, "resumed_from": None, "restarts": []}
     if resumed is not None:

@@ -32,6 +32,7 @@ from renderer.parallel.sharding import sharded_backend, sharding
 from renderer.parallel.strips import RowGroup, StripLayout, plan_strips, received_bytes
 from renderer.progress import Progress
 from renderer.request import ModelGeometry, guided
+from renderer.schedulers import SchedulerChoice
 from renderer.stages import Conditioning, encode, generate_base, upscale_stage
 from renderer.strip_vae import decode_strip, stage_reference
 from renderer.vae_bands import to_pixels
@@ -75,6 +76,7 @@ class StageJob:
     first_sharded: int | None = None  # stages before it run on rank 0 alone (None: every stage on every rank)
     stage_ends: dict[int, torch.Tensor] = field(default_factory=dict)  # with save_stages: latents of stages not run, to decode
     frames: int = 1  # a clip's frames: the latents' batch, denoised together by a motion UNet
+    scheduler: SchedulerChoice | None = None  # --scheduler and its options (None: the model's own)
 
     @property
     def guided(self) -> bool:
@@ -141,7 +143,8 @@ def base_latents(pipeline, job: StageJob, cond: Conditioning, progress: Progress
     if job.initial is not None:
         return encode(pipeline, job.initial.to(pipeline.unet.device), job.config.seed, stage=0).float()
     progress.stage(f"stage 0 {width}x{height}", job.steps)
-    return generate_base(pipeline, cond, (height, width), job.steps, job.config, metrics.stepping(progress, 0, 0), job.frames).float()
+    return generate_base(pipeline, cond, (height, width), job.steps, job.config, metrics.stepping(progress, 0, 0), job.frames,
+                         job.scheduler).float()
 
 
 def stage_loop(pipeline, job: StageJob, group, local: bool, world: int, guide: GuidanceSplit | None, progress: Progress,
@@ -213,7 +216,7 @@ def stage_loop(pipeline, job: StageJob, group, local: bool, world: int, guide: G
                 pipeline, stage_cond, into(reference), (size[1], size[0]), index, job.steps, config, alpha,
                 metrics.stepping(progress, index, rows.rank), backend=sharded_backend(denoised),
                 rows=denoised.layout.rows(denoised.rank), resume=None if resume is None else (resume[0], into(resume[1])),
-                after_step=after_step, both_branches=both_branches,
+                after_step=after_step, both_branches=both_branches, choice=job.scheduler,
             ))
         run.step_bytes[index] = {kind: (total - before.get(kind, 0)) // (job.steps - begin) for kind, total in received_bytes.items()}
         metrics.exchanged_all(rows.rank, received_since(exchanged))

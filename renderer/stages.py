@@ -16,6 +16,7 @@ from freescale_core.mode import LOCAL, Backend
 from freescale_core.rng import normal
 from renderer.progress import Progress
 from renderer.request import guided
+from renderer.schedulers import SchedulerChoice, build, keeps_history, noised, seeded_step_noise
 
 
 @dataclass
@@ -80,31 +81,25 @@ def predict_noise(pipeline: StableDiffusionXLPipeline, scheduler, latents: torch
     return negative + cond.guidance * (positive - negative)
 
 
-def fresh_scheduler(pipeline: StableDiffusionXLPipeline, steps: int):
-    scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
-    scheduler.set_timesteps(steps, device=pipeline.unet.device)
-    return scheduler
+def fresh_scheduler(pipeline: StableDiffusionXLPipeline, steps: int, choice: SchedulerChoice | None = None):
+    """A stage's own scheduler (no state carried over from another stage): `choice`, else the model's."""
+    return build(pipeline.scheduler.config, type(pipeline.scheduler), choice, steps, pipeline.unet.device)
 
 
 def generate_base(pipeline, cond: Conditioning, size_hw: tuple[int, int], steps: int, config: FreeScaleConfig, progress: Progress,
-                  frames: int = 1) -> torch.Tensor:
+                  frames: int = 1, choice: SchedulerChoice | None = None) -> torch.Tensor:
     """The base stage's latents (frames, C, h, w): one per frame of a clip, denoised together."""
-    scheduler = fresh_scheduler(pipeline, steps)
+    scheduler = fresh_scheduler(pipeline, steps, choice)
     latent_hw = (size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
     noise = normal((frames, pipeline.unet.config.in_channels, *latent_hw), config.seed, "base-noise")
     latents = noise.to(pipeline.unet.device) * scheduler.init_noise_sigma
     with freeu_mode(pipeline.unet, config):
-        for timestep in scheduler.timesteps:
-            latents = scheduler.step(predict_noise(pipeline, scheduler, latents, timestep, cond), timestep, latents).prev_sample
+        for index, timestep in enumerate(scheduler.timesteps):
+            prediction = predict_noise(pipeline, scheduler, latents, timestep, cond)
+            with seeded_step_noise(scheduler, config.seed, (0, index), latent_hw[0]):
+                latents = scheduler.step(prediction, timestep, latents).prev_sample
             progress.advance()
     return latents
-
-
-def noised(scheduler, clean: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
-    """ñ_i: the clean latent noised to the level of schedule step i, without touching scheduler state."""
-    if hasattr(scheduler, "sigmas"):
-        return clean + scheduler.sigmas[index].to(clean.device, clean.dtype) * noise
-    return scheduler.add_noise(clean, noise, scheduler.timesteps[index : index + 1])
 
 
 def upscale_stage(
@@ -112,16 +107,20 @@ def upscale_stage(
     config: FreeScaleConfig, alpha: float | torch.Tensor, progress: Progress, backend: Backend = LOCAL,
     rows: slice = slice(None), resume: tuple[int, torch.Tensor] | None = None,
     after_step: Callable[[int, torch.Tensor], None] | None = None, both_branches: BothBranches | None = None,
+    choice: SchedulerChoice | None = None,
 ) -> torch.Tensor:
     """Denoise from the restart step toward `reference` (the encoded, upsampled previous stage).
 
     A row-sharded worker passes the latent `rows` it holds (reference and alpha are already those rows)
     and a sharded `backend`; the noise is drawn whole and sliced, so it never depends on the sharding.
-    `resume` = (step index, latents after the step before it) continues a checkpointed stage (the Euler
-    update depends on the step index alone); `after_step(steps done, latents)` follows every step;
-    `both_branches`: see `predict_noise`.
+    `resume` = (step index, latents after the step before it) continues a checkpointed stage (a one-step
+    update depends on the step index alone); `after_step(steps done, latents)` follows every step, not given
+    the latents of a multistep solver's steps (its history is not in a checkpoint); `both_branches`: see
+    `predict_noise`; `choice`: the scheduler (`renderer.schedulers`), else the model's.
     """
-    scheduler = fresh_scheduler(pipeline, steps)
+    scheduler = fresh_scheduler(pipeline, steps, choice)
+    if keeps_history(scheduler):
+        after_step = None
     latent_shape = (reference.shape[0], reference.shape[1], size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
     noise = normal(latent_shape, config.seed, "restart-noise", stage)[:, :, rows].to(reference.device)
     start = restart_index(steps, config.restart_fraction)
@@ -129,7 +128,8 @@ def upscale_stage(
         latents = noised(scheduler, reference, noise, start)
     else:
         start, latents = resume[0], resume[1].to(reference.device)
-    scheduler.set_begin_index(start)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
     train_timesteps = scheduler.config.num_train_timesteps
     for index in range(start, steps):
         timestep = scheduler.timesteps[index]
@@ -139,7 +139,8 @@ def upscale_stage(
         latents = (1 - weight) * latents + weight * noised(scheduler, reference, noise, index)
         with freescale_mode(pipeline.unet, config, size=size_hw, step_index=index, vae_scale=pipeline.vae_scale_factor, backend=backend):
             prediction = predict_noise(pipeline, scheduler, latents, timestep, cond, both_branches)
-        latents = scheduler.step(prediction, timestep, latents).prev_sample
+        with seeded_step_noise(scheduler, config.seed, (stage, index), latent_shape[2], rows):
+            latents = scheduler.step(prediction, timestep, latents).prev_sample
         if after_step is not None:
             after_step(index + 1, latents)
         progress.advance()
