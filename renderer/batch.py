@@ -12,6 +12,7 @@ from its checkpoints. The summary (JSON Lines) says per poster what happened.
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import json
 import logging
@@ -129,6 +130,8 @@ def option_words(action, value, where: str, key: str) -> list[str]:
     """The command-line words of one field: a flag for `true`, nothing for `false`, else `--option=value`, so that
     a value beginning with `-` (a negative prompt `-text, -watermark`) stays a value."""
     option = max(action.option_strings, key=len)
+    if isinstance(value, list) and isinstance(action, argparse._AppendAction):  # a repeatable option: one word per item
+        return [word for item in value for word in option_words(action, item, where, key)]
     if action.nargs == 0:
         if not isinstance(value, bool):
             raise RenderError(f"{where}: field {key!r} is a switch: give true or false, not {value!r}")

@@ -14,6 +14,7 @@ from renderer.errors import RenderError
 from renderer.tiff import COMPRESSIONS
 from renderer.vae_bands import VAE_MODES
 from renderer.request import RenderRequest, format_size, parse_size
+from renderer.schedulers import parse_options
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -98,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fps", type=float, default=8.0, help="the clip's frames per second (default 8)")
     add("--crf", type=int, default=18, help="the clip's H.264 quality, 0 (lossless) to 51 (default 18)")
     add("--motion-adapter", help="AnimateDiff motion modules for --model: a diffusers MotionAdapter folder or hub id (with --frames)")
+    add("--scheduler", metavar="NAME",
+        help="a diffusers scheduler class: EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, "
+             "UniPCMultistepScheduler, DDIMScheduler, LCMScheduler, TCDScheduler (default: the model's own)")
+    add("--scheduler-option", action="append", metavar="KEY=VALUE",
+        help="a config option of --scheduler, e.g. use_karras_sigmas=true or timestep_spacing=trailing (repeatable)")
     add("--dry-run", action="store_true", help="print the plan, memory estimate, UNet calls and output size, then exit")
     add("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -129,6 +135,7 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
         max_restarts=args.max_restarts, collective_timeout_s=args.collective_timeout, queue_timeout_s=args.queue_timeout,
         metrics_port=args.metrics_port, metrics_addr=args.metrics_addr, metrics_linger_s=args.metrics_linger,
         frames=args.frames, fps=args.fps, crf=args.crf, motion_adapter=args.motion_adapter,
+        scheduler=args.scheduler, scheduler_options=parse_options(args.scheduler_option),
     )
 
 

@@ -32,7 +32,7 @@ from renderer.preflight import preflight
 from renderer.progress import Progress
 from renderer.recovery import resume_job, run_recovering
 from renderer.render_plan import StagePlan, check_device, decode_modes, denoising_plan, plan_stages
-from renderer.request import RenderRequest, Size, format_size
+from renderer.request import RenderRequest, Size, format_size, guided
 from renderer.stage_loop import Prompt, StageJob
 from renderer.writing import library_versions, tee_into, write_outputs
 
@@ -146,7 +146,7 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
         final_mode=modes[-1], mask=load_mask(request.mask, base) if request.mask else None, initial=initial,
         save_stages=request.save_stages, checkpoint_steps=request.checkpoint_every_steps,
         checkpoint_seconds=request.checkpoint_every_minutes * 60, cfg_split=request.cfg_split,
-        first_sharded=plan.first_sharded, frames=request.frames,
+        first_sharded=plan.first_sharded, frames=request.frames, scheduler=request.scheduler_choice,
     )
     history: dict = {"render_id": identity, "resumed_from": None, "restarts": []}
     if resumed is not None:
@@ -172,7 +172,7 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
             "ray_job_submission_id": submission_id(),
             "seconds": {"stages": [outcome.stage_seconds.get(index) for index in range(len(stages))],
                         **({"waiting": executor.waited_s} if request.workers else {})},
-            **({"workers": gang_summary(executor, plan, outcome, request.cfg_split)} if request.workers else {}),
+            **({"workers": gang_summary(executor, plan, outcome, request.cfg_split and guided(request.guidance))} if request.workers else {}),
         },
     )
 

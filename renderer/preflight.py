@@ -18,7 +18,7 @@ import torch
 from freescale_core.cascade import restart_index
 from renderer.errors import RenderError
 from renderer.memory import available_memory, process_memory
-from renderer.request import RenderRequest, Size, first_sharded_stage, format_size
+from renderer.request import RenderRequest, Size, first_sharded_stage, format_size, guided
 
 GiB = 2**30
 # The working sets below are in activations of the op's own size (tokens x width, or pixels x the VAE's
@@ -115,6 +115,7 @@ class Plan:
     worker: MemoryEstimate | None = None
     vae_scale: int = 8
     frames: int = 1
+    guided: bool = True  # both guidance branches in every UNet call
 
     def lines(self) -> list[str]:
         final = format_size(self.stages[-1])
@@ -123,7 +124,8 @@ class Plan:
                   "TIFF at most)")
         lines = [
             f"stages: {' -> '.join(format_size(size) for size in self.stages)}",
-            f"UNet calls: {self.unet_calls} (CFG batch of 2{f' x {self.frames} frames' if self.frames > 1 else ''} each)",
+            f"UNet calls: {self.unet_calls} ({'CFG batch of 2' if self.guided else 'guidance off: the conditional branch alone'}"
+            f"{f' x {self.frames} frames' if self.frames > 1 else ''} each)",
             output,
             f"checkpoints: at most {self.checkpoint_bytes / 2**20:.0f} MiB",
         ]
@@ -232,6 +234,7 @@ def preflight(request: RenderRequest) -> Plan | None:
         return None
     stages = planned_stages(request, shape)
     check_steps(request, shape.train_timesteps)
+    check_scheduler(request)
     check_motion(request, shape)
     check_inputs(request, stages[0])
     driver = process_memory() + CPU_RUNTIME
@@ -242,6 +245,7 @@ def preflight(request: RenderRequest) -> Plan | None:
     plan = Plan(
         stages=stages, unet_calls=unet_calls(request, len(stages)), output_bytes=pyramid_bytes(stages[-1]) * request.frames,
         checkpoint_bytes=checkpoint_bytes(stages, shape) * request.frames, coordinator=coordinator, frames=request.frames,
+        guided=guided(request.guidance),
         worker=worker_estimate(request, shape, stages, driver), vae_scale=2 ** (len(shape.vae["block_out_channels"]) - 1),
     )
     check_disk(request, plan)
@@ -309,6 +313,14 @@ def checkpoint_bytes(stages: list[Size], shape: ModelShape) -> int:
 def check_steps(request: RenderRequest, train_timesteps: int) -> None:
     if request.steps > train_timesteps:
         raise RenderError(f"--steps {request.steps} exceeds the scheduler's {train_timesteps} training timesteps; use at most {train_timesteps} (50 is the reference)")
+
+
+def check_scheduler(request: RenderRequest) -> None:
+    """--scheduler with its options builds on the model's scheduler config and takes --steps."""
+    from renderer.schedulers import build, model_scheduler_config
+
+    if request.scheduler is not None:
+        build(model_scheduler_config(request.model), None, request.scheduler_choice, request.steps)
 
 
 def check_motion(request: RenderRequest, shape: ModelShape) -> None:

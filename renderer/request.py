@@ -13,10 +13,18 @@ from pathlib import Path
 
 from freescale_core import FreeScaleConfig
 from renderer.errors import RenderError
+from renderer.schedulers import SchedulerChoice, check_choice
 from renderer.tiff import TiffOptions
 from renderer.vae_bands import VAE_MODES
 
 Size = tuple[int, int]  # (width, height) in pixels, as users write it
+# At guidance <= 1 classifier-free guidance is off (diffusers' rule): the UNet runs the conditional branch alone.
+GUIDED_ABOVE = 1.0
+
+
+def guided(guidance: float) -> bool:
+    """Whether a render at this guidance runs both classifier-free branches."""
+    return guidance > GUIDED_ABOVE
 
 
 def parse_size(text: str, option: str = "--size") -> Size:
@@ -153,6 +161,8 @@ class RenderRequest:
     fps: float = 8.0  # the clip's frame rate
     crf: int = 18  # the clip's H.264 quality (0 lossless .. 51 worst)
     motion_adapter: str | None = None  # AnimateDiff motion modules for --model: a diffusers folder or hub id
+    scheduler: str | None = None  # a diffusers scheduler class (renderer.schedulers.SUPPORTED); None: the model's own
+    scheduler_options: dict = field(default_factory=dict)  # its config options, set on top of the model's
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -208,6 +218,7 @@ class RenderRequest:
         if self.gpus_per_worker is not None and not 0 <= self.gpus_per_worker <= 1:
             raise RenderError(f"--gpus-per-worker {self.gpus_per_worker}: use 1, a fraction to share GPUs, or 0 for CPU workers")
         check_clip(self)
+        check_choice(self.scheduler, self.scheduler_options)
 
     def plan(self, geometry: ModelGeometry) -> list[Size]:
         if self.stages:
@@ -219,6 +230,13 @@ class RenderRequest:
             for size in stages[1:]:
                 check_fast_mode(size, geometry)
         return stages
+
+    @property
+    def scheduler_choice(self) -> SchedulerChoice | None:
+        """What the stages build their schedulers from (None: the model's own)."""
+        if self.scheduler is None:
+            return None
+        return SchedulerChoice(self.scheduler, tuple(sorted(self.scheduler_options.items())))
 
     def checkpoint_folder(self) -> Path:
         out = Path(self.out)

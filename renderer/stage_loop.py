@@ -31,7 +31,8 @@ from renderer.parallel.guidance import GuidanceSplit, guidance_split
 from renderer.parallel.sharding import sharded_backend, sharding
 from renderer.parallel.strips import RowGroup, StripLayout, plan_strips, received_bytes
 from renderer.progress import Progress
-from renderer.request import ModelGeometry
+from renderer.request import ModelGeometry, guided
+from renderer.schedulers import SchedulerChoice
 from renderer.stages import Conditioning, encode, generate_base, upscale_stage
 from renderer.strip_vae import decode_strip, stage_reference
 from renderer.vae_bands import to_pixels
@@ -75,6 +76,12 @@ class StageJob:
     first_sharded: int | None = None  # stages before it run on rank 0 alone (None: every stage on every rank)
     stage_ends: dict[int, torch.Tensor] = field(default_factory=dict)  # with save_stages: latents of stages not run, to decode
     frames: int = 1  # a clip's frames: the latents' batch, denoised together by a motion UNet
+    scheduler: SchedulerChoice | None = None  # --scheduler and its options (None: the model's own)
+
+    @property
+    def guided(self) -> bool:
+        """Both guidance branches run (guidance above 1); else the conditional one alone, and nothing to split."""
+        return guided(self.cond.guidance if self.cond is not None else self.prompt.guidance)
 
 
 @dataclass
@@ -120,11 +127,12 @@ def run_stages(pipeline, job: StageJob, group=None, local: bool = False, progres
                checkpoint: CheckpointSink | None = None, metrics: RenderMetrics = NULL_METRICS) -> StageRun:
     """Run the job's stages on this rank: `local` for one process holding every row (a group of one, whose
     exchanges are no-ops), else as one rank of `group` (every rank calls this with the same job). An even
-    gang splits classifier-free guidance between its halves if the job asks (`renderer.parallel.guidance`)."""
+    gang splits classifier-free guidance between its halves if the job asks and guidance is on
+    (`renderer.parallel.guidance`)."""
     world = 1 if local else torch.distributed.get_world_size(group)
     if job.first == 0 and world > 1:
         raise ValueError("the base stage runs on one rank: give it a group of one")
-    split = guidance_split(group) if job.cfg_split and world % 2 == 0 else nullcontext()
+    split = guidance_split(group) if job.cfg_split and world % 2 == 0 and job.guided else nullcontext()
     with split as guide, torch.inference_mode():
         return stage_loop(pipeline, job, group, local, world, guide, progress or Progress(False), checkpoint, metrics)
 
@@ -135,7 +143,8 @@ def base_latents(pipeline, job: StageJob, cond: Conditioning, progress: Progress
     if job.initial is not None:
         return encode(pipeline, job.initial.to(pipeline.unet.device), job.config.seed, stage=0).float()
     progress.stage(f"stage 0 {width}x{height}", job.steps)
-    return generate_base(pipeline, cond, (height, width), job.steps, job.config, metrics.stepping(progress, 0, 0), job.frames).float()
+    return generate_base(pipeline, cond, (height, width), job.steps, job.config, metrics.stepping(progress, 0, 0), job.frames,
+                         job.scheduler).float()
 
 
 def stage_loop(pipeline, job: StageJob, group, local: bool, world: int, guide: GuidanceSplit | None, progress: Progress,
@@ -207,7 +216,7 @@ def stage_loop(pipeline, job: StageJob, group, local: bool, world: int, guide: G
                 pipeline, stage_cond, into(reference), (size[1], size[0]), index, job.steps, config, alpha,
                 metrics.stepping(progress, index, rows.rank), backend=sharded_backend(denoised),
                 rows=denoised.layout.rows(denoised.rank), resume=None if resume is None else (resume[0], into(resume[1])),
-                after_step=after_step, both_branches=both_branches,
+                after_step=after_step, both_branches=both_branches, choice=job.scheduler,
             ))
         run.step_bytes[index] = {kind: (total - before.get(kind, 0)) // (job.steps - begin) for kind, total in received_bytes.items()}
         metrics.exchanged_all(rows.rank, received_since(exchanged))

@@ -15,11 +15,14 @@ from freescale_core.cascade import restart_index, skip_residual_weight
 from freescale_core.mode import LOCAL, Backend
 from freescale_core.rng import normal
 from renderer.progress import Progress
+from renderer.request import guided
+from renderer.schedulers import SchedulerChoice, build, keeps_history, noised, seeded_step_noise
 
 
 @dataclass
 class Conditioning:
-    """Prompt embeddings for the CFG batch [negative, positive] and the fixed base-size micro-conditioning."""
+    """Prompt embeddings for the CFG batch [negative, positive] (guidance off: [positive] alone) and the fixed
+    base-size micro-conditioning."""
 
     prompt_embeds: torch.Tensor
     text_embeds: torch.Tensor
@@ -42,10 +45,11 @@ def encode_prompts(pipeline: StableDiffusionXLPipeline, prompt: str, negative_pr
     )
     height, width = base_hw
     time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).repeat(2, 1)
-    return Conditioning(
+    cond = Conditioning(
         prompt_embeds=torch.cat([negative, embeds]).to(dtype), text_embeds=torch.cat([negative_pooled, pooled]).to(dtype),
         time_ids=time_ids, guidance=guidance,
     )
+    return cond if guided(guidance) else cond.branch(1)
 
 
 BothBranches = Callable[[torch.Tensor], torch.Tensor]  # one branch's prediction -> [negative, positive]
@@ -54,7 +58,8 @@ BothBranches = Callable[[torch.Tensor], torch.Tensor]  # one branch's prediction
 def predict_noise(pipeline: StableDiffusionXLPipeline, scheduler, latents: torch.Tensor, timestep, cond: Conditioning,
                   both_branches: BothBranches | None = None) -> torch.Tensor:
     """One CFG UNet call; latents are fp32, the UNet runs in its own dtype. With `both_branches` (a rank of a
-    guidance split, `renderer.parallel.guidance`), `cond` is one branch and the other comes from the partner."""
+    guidance split, `renderer.parallel.guidance`), `cond` is one branch and the other comes from the partner.
+    Without it, a one-branch `cond` is guidance off: the conditional prediction is the noise."""
     batch = cond.prompt_embeds.shape[0]
     model_input = scheduler.scale_model_input(torch.cat([latents] * batch), timestep).to(pipeline.unet.dtype)
     states = cond.prompt_embeds
@@ -70,35 +75,31 @@ def predict_noise(pipeline: StableDiffusionXLPipeline, scheduler, latents: torch
         noise = noise.transpose(1, 2).flatten(0, 1)
     if both_branches is not None:
         noise = both_branches(noise)
+    elif batch == 1:
+        return noise
     negative, positive = noise.chunk(2)
     return negative + cond.guidance * (positive - negative)
 
 
-def fresh_scheduler(pipeline: StableDiffusionXLPipeline, steps: int):
-    scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
-    scheduler.set_timesteps(steps, device=pipeline.unet.device)
-    return scheduler
+def fresh_scheduler(pipeline: StableDiffusionXLPipeline, steps: int, choice: SchedulerChoice | None = None):
+    """A stage's own scheduler (no state carried over from another stage): `choice`, else the model's."""
+    return build(pipeline.scheduler.config, type(pipeline.scheduler), choice, steps, pipeline.unet.device)
 
 
 def generate_base(pipeline, cond: Conditioning, size_hw: tuple[int, int], steps: int, config: FreeScaleConfig, progress: Progress,
-                  frames: int = 1) -> torch.Tensor:
+                  frames: int = 1, choice: SchedulerChoice | None = None) -> torch.Tensor:
     """The base stage's latents (frames, C, h, w): one per frame of a clip, denoised together."""
-    scheduler = fresh_scheduler(pipeline, steps)
+    scheduler = fresh_scheduler(pipeline, steps, choice)
     latent_hw = (size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
     noise = normal((frames, pipeline.unet.config.in_channels, *latent_hw), config.seed, "base-noise")
     latents = noise.to(pipeline.unet.device) * scheduler.init_noise_sigma
     with freeu_mode(pipeline.unet, config):
-        for timestep in scheduler.timesteps:
-            latents = scheduler.step(predict_noise(pipeline, scheduler, latents, timestep, cond), timestep, latents).prev_sample
+        for index, timestep in enumerate(scheduler.timesteps):
+            prediction = predict_noise(pipeline, scheduler, latents, timestep, cond)
+            with seeded_step_noise(scheduler, config.seed, (0, index), latent_hw[0]):
+                latents = scheduler.step(prediction, timestep, latents).prev_sample
             progress.advance()
     return latents
-
-
-def noised(scheduler, clean: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
-    """ñ_i: the clean latent noised to the level of schedule step i, without touching scheduler state."""
-    if hasattr(scheduler, "sigmas"):
-        return clean + scheduler.sigmas[index].to(clean.device, clean.dtype) * noise
-    return scheduler.add_noise(clean, noise, scheduler.timesteps[index : index + 1])
 
 
 def upscale_stage(
@@ -106,16 +107,20 @@ def upscale_stage(
     config: FreeScaleConfig, alpha: float | torch.Tensor, progress: Progress, backend: Backend = LOCAL,
     rows: slice = slice(None), resume: tuple[int, torch.Tensor] | None = None,
     after_step: Callable[[int, torch.Tensor], None] | None = None, both_branches: BothBranches | None = None,
+    choice: SchedulerChoice | None = None,
 ) -> torch.Tensor:
     """Denoise from the restart step toward `reference` (the encoded, upsampled previous stage).
 
     A row-sharded worker passes the latent `rows` it holds (reference and alpha are already those rows)
     and a sharded `backend`; the noise is drawn whole and sliced, so it never depends on the sharding.
-    `resume` = (step index, latents after the step before it) continues a checkpointed stage (the Euler
-    update depends on the step index alone); `after_step(steps done, latents)` follows every step;
-    `both_branches`: see `predict_noise`.
+    `resume` = (step index, latents after the step before it) continues a checkpointed stage (a one-step
+    update depends on the step index alone); `after_step(steps done, latents)` follows every step, not given
+    the latents of a multistep solver's steps (its history is not in a checkpoint); `both_branches`: see
+    `predict_noise`; `choice`: the scheduler (`renderer.schedulers`), else the model's.
     """
-    scheduler = fresh_scheduler(pipeline, steps)
+    scheduler = fresh_scheduler(pipeline, steps, choice)
+    if keeps_history(scheduler):
+        after_step = None
     latent_shape = (reference.shape[0], reference.shape[1], size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
     noise = normal(latent_shape, config.seed, "restart-noise", stage)[:, :, rows].to(reference.device)
     start = restart_index(steps, config.restart_fraction)
@@ -123,7 +128,8 @@ def upscale_stage(
         latents = noised(scheduler, reference, noise, start)
     else:
         start, latents = resume[0], resume[1].to(reference.device)
-    scheduler.set_begin_index(start)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
     train_timesteps = scheduler.config.num_train_timesteps
     for index in range(start, steps):
         timestep = scheduler.timesteps[index]
@@ -133,7 +139,8 @@ def upscale_stage(
         latents = (1 - weight) * latents + weight * noised(scheduler, reference, noise, index)
         with freescale_mode(pipeline.unet, config, size=size_hw, step_index=index, vae_scale=pipeline.vae_scale_factor, backend=backend):
             prediction = predict_noise(pipeline, scheduler, latents, timestep, cond, both_branches)
-        latents = scheduler.step(prediction, timestep, latents).prev_sample
+        with seeded_step_noise(scheduler, config.seed, (stage, index), latent_shape[2], rows):
+            latents = scheduler.step(prediction, timestep, latents).prev_sample
         if after_step is not None:
             after_step(index + 1, latents)
         progress.advance()
