@@ -5,7 +5,7 @@ on one host (no CPUs: it runs the driver), a one-CPU worker node on each of the 
 bridge (gloo bound to the hosts' interfaces, `cluster.gang.use_interface_of`); the driver on the head streams
 their strips from them. Faults: a worker host's link cut mid-stage, and its raylet killed; each render ends,
 on the hosts left, in the very bytes of an undisturbed render, with the sidecar's `restarts` saying what was
-lost. The fixture always stops every Ray process it started and deletes its namespaces, also on failure.
+lost (the host comes back before the next test). The driver killed mid-stage: the same command resumes. The fixture always stops every Ray process it started and deletes its namespaces, also on failure.
 
 Detection is governed by the head's GCS health checks (set here, `HEALTH_CHECKS`) and the render's
 `--collective-timeout`; docs/benchmarks.md has the measured times.
@@ -192,8 +192,8 @@ class Run:
 
 
 def run_driver(farm: Farm, out: Path, fault=None, timeout_s: float = 300) -> Run:
-    """Render `RENDER` on a 2-worker gang from the head host into `out`; `fault(started)` runs in this thread once
-    the sharded stage has written its first mid-stage checkpoint, while the driver goes on."""
+    """Render `RENDER` on a 2-worker gang from the head host into `out`; `fault(driver)` runs in this thread once
+    the sharded stage has written its first mid-stage checkpoint, while the driver (a Popen) goes on."""
     command = farm.driver(*RENDER, "--workers", "2", "--checkpoint-every-steps", "1",
                           "--collective-timeout", str(COLLECTIVE_TIMEOUT_S), "--out", str(out))
     process = subprocess.Popen(command, env=farm.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -207,7 +207,7 @@ def run_driver(farm: Farm, out: Path, fault=None, timeout_s: float = 300) -> Run
             while not list(folder.glob("*/stage01-step*.safetensors")):
                 assert process.poll() is None and time.monotonic() < deadline, "the render ended before its sharded stage"
                 time.sleep(0.05)
-            fault()
+            fault(process)
         process.wait(timeout=timeout_s)
     finally:
         if process.poll() is None:
@@ -247,7 +247,7 @@ def test_a_lost_worker_host_ends_in_the_undisturbed_bytes(farm, undisturbed, tmp
     out = tmp_path / "kite.png"
     struck: dict[str, object] = {}
 
-    def strike() -> None:
+    def strike(driver) -> None:
         (host,) = farm.gang_hosts()[:1]
         struck.update(host=host, at=time.monotonic())
         farm.cut(host) if fault == "cut-link" else farm.kill_raylet(host)
@@ -260,11 +260,25 @@ def test_a_lost_worker_host_ends_in_the_undisturbed_bytes(farm, undisturbed, tmp
     assert run.returncode == 0, "\n".join(line for _, line in run.lines)
     seconds = detection(run, struck["at"])
     record_property(f"{fault}_detection_s", round(seconds, 1))
-    print(f"{fault}: the driver saw the loss {seconds:.1f} s after the fault")
     assert out.read_bytes() == undisturbed.read_bytes()
     sidecar = json.loads(sidecar_path(out).read_text())
     (restart,) = sidecar["restarts"]
+    print(f"{fault}: the driver saw the loss {seconds:.1f} s after the fault ({restart['error']}); the render took "
+          f"{sidecar['seconds']['total']:.0f} s, resumed from {restart['resumed_from']}, ended on {sidecar['workers']['nodes']}")
     assert restart["workers_before"] == restart["workers_after"] == 2
     assert farm.address(struck["host"]) in restart["hosts_before"]
     assert farm.address(struck["host"]) not in sidecar["workers"]["nodes"]
     assert restart["resumed_from"]["stage"] == 1 and restart["resumed_from"]["step"] is not None  # mid-stage
+
+
+def test_a_killed_driver_resumes_when_the_same_command_runs_again(farm, undisturbed, tmp_path):
+    """The driver (the job's entrypoint) SIGKILLed mid-stage, as when its host is lost: Ray ends its gang, and the
+    same command, run again, resumes from the checkpoints it kept and ends in the undisturbed bytes."""
+    out = tmp_path / "kite.png"
+    killed = run_driver(farm, out, lambda driver: driver.kill())
+    assert killed.returncode == -9 and not out.exists()
+    again = run_driver(farm, out)
+    assert again.returncode == 0, "\n".join(line for _, line in again.lines)
+    assert out.read_bytes() == undisturbed.read_bytes()
+    resumed = json.loads(sidecar_path(out).read_text())["resumed_from"]
+    assert resumed["stage"] == 1 and resumed["step"] > 0
