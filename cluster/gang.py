@@ -42,6 +42,7 @@ class GangSpec:
     queue_timeout_s: float | None = None  # None: wait for the cluster as long as it takes
     collective_timeout_s: float = 1800.0  # above the longest denoising step (16K: ~45 s) and rank 0's base stage
     motion_adapter: str | None = None  # a clip's motion modules (`renderer.models.motion`)
+    loras: tuple = ()  # (path, scale) of each LoRA fused at load (`renderer.models.lora`)
 
 
 def use_interface_of(host: str) -> str | None:
@@ -65,11 +66,11 @@ class GangWorker:
     """One worker process (a Ray actor): a `Worker` with its own threads and, on a shared GPU, its memory cap."""
 
     def __init__(self, model: str, model_config: str | None, dtype: str | None, threads: int, device: str, gpu_share: float,
-                 motion_adapter: str | None = None):
+                 motion_adapter: str | None = None, loras: tuple = ()):
         torch.set_num_threads(threads)
         if device == "cuda" and gpu_share < 1:
             torch.cuda.set_per_process_memory_fraction(gpu_share)  # Ray's fractional GPUs do not cap memory
-        self.worker = Worker(model, device, dtype, model_config, motion_adapter=motion_adapter)
+        self.worker = Worker(model, device, dtype, model_config, motion_adapter=motion_adapter, loras=loras)
         self.pixels: np.ndarray | None = None
 
     def rendezvous_address(self) -> str:
@@ -245,7 +246,7 @@ class Gang(Executor):
                 num_cpus=bundle["CPU"], num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
             ).remote(spec.model, spec.model_config, spec.dtype, max(1, int(bundle["CPU"])), "cuda" if gpus else "cpu", gpus,
-                     spec.motion_adapter)
+                     spec.motion_adapter, spec.loras)
             for rank in range(spec.workers)
         ]
         self.backend = "nccl" if gpus >= 1 else "gloo"

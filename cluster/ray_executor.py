@@ -18,6 +18,7 @@ class RayExecutor(Gang):
             workers=request.workers, model=request.model, model_config=request.model_config, dtype=request.dtype,
             address=request.address, gpus_per_worker=request.gpus_per_worker, collective_timeout_s=request.collective_timeout_s,
             queue_timeout_s=request.queue_timeout_s, motion_adapter=request.motion_adapter,
+            loras=request.loras,
         ), metrics)
         try:
             if (need := worker_need(request)) is not None:

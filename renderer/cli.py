@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fps", type=float, default=8.0, help="the clip's frames per second (default 8)")
     add("--crf", type=int, default=18, help="the clip's H.264 quality, 0 (lossless) to 51 (default 18)")
     add("--motion-adapter", help="AnimateDiff motion modules for --model: a diffusers MotionAdapter folder or hub id (with --frames)")
+    add("--lora", action="append", metavar="PATH[:SCALE]",
+        help="a LoRA (.safetensors; kohya/A1111 or diffusers keys) fused into the model at SCALE (default 1); repeatable")
     add("--scheduler", metavar="NAME",
         help="a diffusers scheduler class: EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, "
              "UniPCMultistepScheduler, DDIMScheduler, LCMScheduler, TCDScheduler (default: the model's own)")
@@ -136,6 +138,7 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
         metrics_port=args.metrics_port, metrics_addr=args.metrics_addr, metrics_linger_s=args.metrics_linger,
         frames=args.frames, fps=args.fps, crf=args.crf, motion_adapter=args.motion_adapter,
         scheduler=args.scheduler, scheduler_options=parse_options(args.scheduler_option),
+        loras=parse_loras(args.lora),
     )
 
 
@@ -150,6 +153,14 @@ def check_command_first(argv: list[str], parser: argparse.ArgumentParser) -> Non
         if word in COMMANDS and index and argv[index - 1] not in takes_value:
             works = ["freescale-render", word, *argv[index + 1 : index + 2], *argv[:index], *argv[index + 2 :]]
             raise RenderError(f"'{word}' must come first, before any option: {shlex.join(works)}")
+
+
+def parse_loras(words: list[str] | None) -> tuple:
+    if not words:
+        return ()
+    from renderer.models.lora import parse_lora  # loads diffusers: only when asked for
+
+    return tuple(parse_lora(text) for text in words)
 
 
 def dry_run(request: RenderRequest) -> int:

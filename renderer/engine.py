@@ -27,6 +27,7 @@ from renderer.images import load_image, load_mask
 from renderer.jobs import submission_id
 from renderer.metrics import NULL_METRICS, RenderMetrics, metrics_for
 from renderer.models import model_geometry, peek_geometry
+from renderer.models.lora import lora_identity
 from renderer.outputs import sidecar_path
 from renderer.preflight import preflight
 from renderer.progress import Progress
@@ -167,6 +168,7 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
         stage_images=[outcome.stage_images[k] for k in sorted(outcome.stage_images)],
         metadata={
             "request": request.to_dict(), "stages": [format_size(s) for s in stages], "freescale": config.to_dict(),
+            "loras": lora_identity(request.loras),
             "device": model.device, "dtype": model.dtype, "vae_dtype": model.vae_dtype, "vae_mode": modes[-1],
             "transition_vae_modes": modes[:-1], "versions": library_versions(), **history,
             "ray_job_submission_id": submission_id(),

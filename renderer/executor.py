@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from renderer.metrics import NULL_METRICS, RenderMetrics
+from renderer.models.lora import lora_identity
 from renderer.progress import Progress
 from renderer.request import RenderRequest
 from renderer.stage_loop import CheckpointSink, StageJob
@@ -109,7 +110,7 @@ class InProcessExecutor(Executor):
     def __init__(self, request: RenderRequest, metrics: RenderMetrics = NULL_METRICS, pipeline=None):
         self.metrics = metrics
         self.worker = Worker(request.model, request.device, request.dtype, request.model_config, pipeline=pipeline,
-                             motion_adapter=request.motion_adapter)
+                             motion_adapter=request.motion_adapter, loras=request.loras)
         self.device = self.worker.device.type
 
     def model(self) -> ModelInfo:
@@ -172,7 +173,12 @@ def executor_key(request: RenderRequest) -> tuple:
     """What an executor was started for: two requests with the same key can share it."""
     where = ("gang", request.workers, request.address, request.gpus_per_worker, request.collective_timeout_s) if request.workers \
         else ("in-process", request.device)
-    return (request.model, request.model_config, request.dtype, *where, request.motion_adapter)
+    return (request.model, request.model_config, request.dtype, *where, request.motion_adapter, lora_key(request.loras))
+
+
+def lora_key(loras) -> tuple:
+    """The LoRAs fused into the ranks' weights: each file's digest and scale, in order."""
+    return tuple((entry["sha256"], entry["scale"]) for entry in lora_identity(loras))
 
 
 def describe(key: tuple) -> str:

@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import freescale_core
+from renderer.models.lora import lora_identity
 from renderer.request import RenderRequest, Size
 
 PACKAGES = ("freescale_core", "renderer", "cluster")
@@ -18,7 +19,7 @@ NOT_PIXELS = {
     "out", "save_stages", "preview", "compression", "dpi", "tile_size", "workers", "address", "gpus_per_worker",
     "shard_from", "cfg_split", "checkpoint_dir", "resume", "keep_checkpoints", "checkpoint_every_steps", "checkpoint_every_minutes",
     "max_restarts", "collective_timeout_s", "queue_timeout_s", "metrics_port", "metrics_addr", "metrics_linger_s", "model", "image",
-    "mask", "device", "dtype",
+    "mask", "device", "dtype", "loras",
 }
 
 
@@ -51,11 +52,13 @@ def model_identity(model: str) -> dict:
 
 
 def render_id(request: RenderRequest, stages: list[Size], dtype: str, device_type: str) -> str:
-    """24 hex digits from the prompt, seed, model, plan, every method option, inputs, precision and code."""
+    """24 hex digits from the prompt, seed, model, its LoRAs (digest and scale), the scheduler, plan, every method
+    option, inputs, precision and code."""
     fields = {key: value for key, value in asdict(request).items() if key not in NOT_PIXELS}
     identity = {
         "request": fields, "stages": [list(size) for size in stages], "model": model_identity(request.model),
         "image": file_digest(request.image), "mask": file_digest(request.mask), "dtype": dtype,
+        "loras": [[entry["sha256"], entry["scale"]] for entry in lora_identity(request.loras)],
         "device": device_type, "code": code_version(),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]

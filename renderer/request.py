@@ -163,6 +163,7 @@ class RenderRequest:
     motion_adapter: str | None = None  # AnimateDiff motion modules for --model: a diffusers folder or hub id
     scheduler: str | None = None  # a diffusers scheduler class (renderer.schedulers.SUPPORTED); None: the model's own
     scheduler_options: dict = field(default_factory=dict)  # its config options, set on top of the model's
+    loras: tuple[tuple[str, float], ...] = ()  # (path, scale) of each LoRA, fused into the weights at load, in order
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -219,6 +220,11 @@ class RenderRequest:
             raise RenderError(f"--gpus-per-worker {self.gpus_per_worker}: use 1, a fraction to share GPUs, or 0 for CPU workers")
         check_clip(self)
         check_choice(self.scheduler, self.scheduler_options)
+        if self.loras:
+            from renderer.models.lora import check_lora  # not at the top: renderer.models imports this module
+
+            for path, scale in self.loras:
+                check_lora(path, scale)
 
     def plan(self, geometry: ModelGeometry) -> list[Size]:
         if self.stages:

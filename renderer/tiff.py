@@ -78,8 +78,10 @@ def reduce2(pixels: np.ndarray) -> np.ndarray:
     return ((total + 2) // 4).astype(np.uint8)
 
 
-def xmp_packet(prompt: str, negative_prompt: str, software: str) -> bytes:
-    """UTF-8 XMP with the prompt in dc:description, so non-ASCII prompts survive (TIFF text tags are ASCII)."""
+def xmp_packet(prompt: str, negative_prompt: str, software: str, loras: list[dict] = ()) -> bytes:
+    """UTF-8 XMP with the prompt in dc:description, so non-ASCII prompts survive (TIFF text tags are ASCII), and
+    each LoRA fused into the model (file name, SHA-256, scale)."""
+    items = "".join(f'<rdf:li>{escape(Path(lora["path"]).name)} sha256:{lora["sha256"]} scale:{lora["scale"]:g}</rdf:li>' for lora in loras)
     body = (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
         '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
@@ -88,6 +90,7 @@ def xmp_packet(prompt: str, negative_prompt: str, software: str) -> bytes:
         f'<xmp:CreatorTool>{escape(software)}</xmp:CreatorTool>'
         f'<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{escape(prompt)}</rdf:li></rdf:Alt></dc:description>'
         f'<freescale:negativePrompt>{escape(negative_prompt)}</freescale:negativePrompt>'
+        + (f'<freescale:loras><rdf:Seq>{items}</rdf:Seq></freescale:loras>' if items else '') +
         '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
     )
     return body.encode("utf-8")
@@ -173,7 +176,7 @@ def write_pyramid(
         "photometric": "rgb", "tile": (options.tile, options.tile), "resolution": (options.dpi, options.dpi),
         "resolutionunit": "INCH", "software": options.software, **options.codec(),
     }
-    xmp = xmp_packet(prompt, negative_prompt, options.software)
+    xmp = xmp_packet(prompt, negative_prompt, options.software, parameters.get("loras", []))
     first = {"extratags": [(XMP_TAG, "B", len(xmp), xmp, True)], "datetime": True}
     if ome:
         first.update(metadata={"axes": "YXS"}, subifds=len(shapes) - 1)

@@ -8,6 +8,7 @@ sharded stages on its strip, and decodes its rows of the final image. The driver
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from renderer.memory import available_memory, memory_limit, peak_memory
 from renderer.metrics import NULL_METRICS, RenderMetrics
 from renderer.models import load_pipeline, model_geometry
+from renderer.models.lora import Lora, fuse_loras
 from renderer.models.motion import max_frames
 from renderer.parallel.strips import RowGroup, hand_over, init_process_group
 from renderer.progress import Progress
@@ -82,9 +84,12 @@ class Worker:
     """A rank: the model, its place in the group, and the rows of the final image until they are taken."""
 
     def __init__(self, model: str, device: str = "cpu", dtype: str | None = None, model_config: str | None = None,
-                 pipeline=None, motion_adapter: str | None = None):
+                 pipeline=None, motion_adapter: str | None = None, loras: tuple[Lora, ...] = ()):
         if pipeline is None:
-            pipeline = load_pipeline(model, device, resolve_dtype(dtype, device), model_config, motion_adapter)
+            pipeline = load_pipeline(model, device, resolve_dtype(dtype, device), model_config, motion_adapter, loras)
+        elif loras:  # a caller's loaded model: fused into a copy, never into theirs
+            pipeline = copy.deepcopy(pipeline)
+            fuse_loras(pipeline, loras, model)
         self.pipeline = pipeline
         self.final: tuple[RowGroup, torch.Tensor, str] | None = None
 

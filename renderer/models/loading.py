@@ -20,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from freescale_core import FreeScaleConfig
 from renderer.errors import RenderError
 from renderer.models.builtin import SDXL, TINY, TOY_WEIGHTS, VIDEO_MODELS, build_random_pipeline, builtin_spec, image_model
+from renderer.models.lora import Lora, fuse_loras
 from renderer.models.motion import add_motion
 from renderer.request import ModelGeometry
 
@@ -45,12 +46,14 @@ def recommended_restart_fraction(model: str) -> float:
 
 
 def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, model_config: str | None = None,
-                  motion_adapter: str | None = None) -> StableDiffusionXLPipeline:
-    """The model; with motion modules (`renderer.models.motion`) for a clip model or a `motion_adapter`."""
+                  motion_adapter: str | None = None, loras: tuple[Lora, ...] = ()) -> StableDiffusionXLPipeline:
+    """The model, with `loras` fused into its weights (`renderer.models.lora`); with motion modules
+    (`renderer.models.motion`) for a clip model or a `motion_adapter`."""
     diffusers_logging.set_verbosity_error()
     pipeline = _load(image_model(model), device, model_config)
     if not isinstance(pipeline.unet, UNet2DConditionModel) or pipeline.unet.config.addition_embed_type != "text_time":
         raise RenderError(f"--model {model} is not an SDXL-style model (its UNet has no text_time conditioning)")
+    fuse_loras(pipeline, loras, model)
     if model in VIDEO_MODELS or motion_adapter:
         pipeline = add_motion(pipeline, model, motion_adapter)
     vae_dtype = torch.float32 if pipeline.vae.config.force_upcast else dtype
