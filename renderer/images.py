@@ -1,4 +1,4 @@
-"""Conversions between user images, masks and model tensors."""
+"""Masks as model tensors (the --image picture: `renderer.input_image`)."""
 
 from __future__ import annotations
 
@@ -21,17 +21,6 @@ def open_image(path: Path, label: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise RenderError(f"{label} {path} is not a readable image ({type(error).__name__}); give a PNG, JPEG or TIFF") from None
     return image
-
-
-def load_image(path: Path, size: Size) -> torch.Tensor:
-    """An RGB image of exactly `size`, as a (1, 3, H, W) tensor in [−1, 1]."""
-    with open_image(path, "--image") as image:
-        if image.size != tuple(size):
-            raise RenderError(f"--image {path} is {format_size(image.size)}; it must be the base stage size {format_size(size)}")
-        if image.mode not in ("RGB", "RGBA", "L"):
-            raise RenderError(f"--image {path} has mode {image.mode}; use an RGB, RGBA or grayscale image")
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1.0
 
 
 def load_mask(path: Path, base: Size) -> torch.Tensor:

@@ -78,8 +78,10 @@ def reduce2(pixels: np.ndarray) -> np.ndarray:
     return ((total + 2) // 4).astype(np.uint8)
 
 
-def xmp_packet(prompt: str, negative_prompt: str, software: str) -> bytes:
-    """UTF-8 XMP with the prompt in dc:description, so non-ASCII prompts survive (TIFF text tags are ASCII)."""
+def xmp_packet(prompt: str, negative_prompt: str, software: str, fields: dict[str, str] | None = None) -> bytes:
+    """UTF-8 XMP with the prompt in dc:description, so non-ASCII prompts survive (TIFF text tags are ASCII), and
+    `fields` as freescale: properties (e.g. the input picture's digest)."""
+    properties = "".join(f"<freescale:{name}>{escape(value)}</freescale:{name}>" for name, value in (fields or {}).items())
     body = (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
         '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
@@ -87,7 +89,7 @@ def xmp_packet(prompt: str, negative_prompt: str, software: str) -> bytes:
         'xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmlns:freescale="https://freescale-poster/ns/1.0/">'
         f'<xmp:CreatorTool>{escape(software)}</xmp:CreatorTool>'
         f'<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{escape(prompt)}</rdf:li></rdf:Alt></dc:description>'
-        f'<freescale:negativePrompt>{escape(negative_prompt)}</freescale:negativePrompt>'
+        f'<freescale:negativePrompt>{escape(negative_prompt)}</freescale:negativePrompt>{properties}'
         '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
     )
     return body.encode("utf-8")
@@ -159,7 +161,7 @@ def raw_bands(path: Path, width: int, rows: int) -> Iterator[np.ndarray]:
 
 def write_pyramid(
     path: Path, bands: Iterable[np.ndarray], size: tuple[int, int], options: TiffOptions,
-    parameters: dict, prompt: str, negative_prompt: str = "",
+    parameters: dict, prompt: str, negative_prompt: str = "", xmp_fields: dict[str, str] | None = None,
 ) -> None:
     """Write the bands (top to bottom, (rows, W, 3) uint8) as a tiled pyramidal TIFF, atomically.
 
@@ -173,7 +175,7 @@ def write_pyramid(
         "photometric": "rgb", "tile": (options.tile, options.tile), "resolution": (options.dpi, options.dpi),
         "resolutionunit": "INCH", "software": options.software, **options.codec(),
     }
-    xmp = xmp_packet(prompt, negative_prompt, options.software)
+    xmp = xmp_packet(prompt, negative_prompt, options.software, xmp_fields)
     first = {"extratags": [(XMP_TAG, "B", len(xmp), xmp, True)], "datetime": True}
     if ome:
         first.update(metadata={"axes": "YXS"}, subifds=len(shapes) - 1)
