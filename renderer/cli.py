@@ -13,7 +13,7 @@ from freescale_core.config import FUSION_BLURS
 from renderer.errors import RenderError
 from renderer.tiff import COMPRESSIONS
 from renderer.vae_bands import VAE_MODES
-from renderer.request import RenderRequest, format_size, parse_size
+from renderer.request import RenderRequest, format_size, parse_scale, parse_size
 from renderer.schedulers import parse_options
 
 
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompt", required=True, help="what to draw")
     add("--negative-prompt", default="", help="what to steer away from (default: empty)")
     add("--seed", type=int, default=0, help="seeds every random draw (default 0)")
-    add("--size", help="final WIDTHxHEIGHT; stages are planned by halving to the training size")
+    add("--size", help="final WIDTHxHEIGHT; stages are planned by halving to the training size (with --image: by doubling "
+        "the picture's size; Nx, e.g. 4x, scales the picture)")
     add("--stages", help="explicit cascade, base first, e.g. 1024x1024,2048x2048,4096x4096")
     add("--steps", type=int, default=50, help="denoising steps per stage schedule (default 50)")
     add("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -49,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-window-jitter", action="store_true", help="do not jitter local attention windows")
     add("--fast-mode", action="store_true", help="global attention on strided sub-grids (faster, lower quality)")
     add("--no-freeu", action="store_true", help="turn FreeU off")
-    add("--image", type=Path, help="start from this image (base stage size) instead of generating the base")
+    add("--image", type=Path, help="upscale this picture: its size (on the model's grid, at least the training size) is the "
+        "first stage, instead of generating a base")
+    add("--strength", type=float, help="with --image: how much of the first upscaling stage is redone, in (0, 1] as diffusers' "
+        "img2img strength (default 0.3); later stages keep --restart-fraction")
     add("--mask", type=Path, help="region mask: white regions use --cosine-scale, black ones --cosine-scale-bg")
     add("--cosine-scale-bg", type=float, default=defaults.cosine_scale_bg, help="detail scale outside the mask (default 1.0)")
     add("--model", default="tiny",
@@ -113,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def request_from_args(args: argparse.Namespace) -> RenderRequest:
     stages = tuple(parse_size(part, "--stages") for part in args.stages.split(",")) if args.stages else None
-    size = parse_size(args.size) if args.size else None
+    scale = parse_scale(args.size) if args.size else None
+    size = parse_size(args.size) if args.size and scale is None else None
     restart_fraction = args.restart_fraction
     if restart_fraction is None:
         from renderer.models import recommended_restart_fraction
@@ -126,7 +131,8 @@ def request_from_args(args: argparse.Namespace) -> RenderRequest:
     )
     return RenderRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, size=size, stages=stages,
-        steps=args.steps, guidance=args.guidance, freescale=freescale, image=args.image, mask=args.mask,
+        steps=args.steps, guidance=args.guidance, freescale=freescale, image=args.image, scale=scale,
+        strength=args.strength, mask=args.mask,
         model=args.model, model_config=args.model_config, device=args.device, dtype=args.dtype, out=args.out,
         save_stages=args.save_stages, preview=args.preview, vae_mode=args.vae_mode, compression=args.compression,
         dpi=args.dpi, tile_size=args.tile_size, workers=args.workers, address=args.address,

@@ -23,7 +23,8 @@ from renderer.clip_files import write_clip
 from renderer.errors import RenderError
 from renderer.executor import Executor, Executors
 from renderer.identity import render_id
-from renderer.images import load_image, load_mask
+from renderer.images import load_mask
+from renderer.input_image import input_plan, input_record, load_input
 from renderer.jobs import submission_id
 from renderer.metrics import NULL_METRICS, RenderMetrics, metrics_for
 from renderer.models import model_geometry, peek_geometry
@@ -132,10 +133,16 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
     if skip_done and write and (done := complete_output(request, identity)) is not None:
         log.info("%s is complete (render %s): skipped", request.out, identity)
         return RenderResult(image=None, latents=torch.empty(0), stages=stages, metadata={**done, "skipped": True})
-    initial = load_image(request.image, base) if request.image else None
+    initial, picture = None, {}
+    if request.image:
+        initial, converted = load_input(request.image, base)
+        picture = input_record(request, input_plan(request, model.geometry).notes + converted)
+        for note in picture["notes"]:
+            log.info("%s", note)
+    first_restart = picture.get("first_restart_step")
     config = replace(request.freescale, seed=request.seed)
     bar = metrics.following(progress if isinstance(progress, Progress) else Progress(progress),
-                            denoising_plan(stages, request.steps, config.restart_fraction, base=initial is None))
+                            denoising_plan(stages, request.steps, config.restart_fraction, base=initial is None, first_restart=first_restart))
     store = CheckpointStore(request.checkpoint_folder(), identity, request.steps) if write else None
     if store is not None and not request.resume:
         store.clear()
@@ -148,6 +155,7 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
         save_stages=request.save_stages, checkpoint_steps=request.checkpoint_every_steps,
         checkpoint_seconds=request.checkpoint_every_minutes * 60, cfg_split=request.cfg_split,
         first_sharded=plan.first_sharded, frames=request.frames, scheduler=request.scheduler_choice,
+        first_restart=first_restart,
     )
     history: dict = {"render_id": identity, "resumed_from": None, "restarts": []}
     if resumed is not None:
@@ -171,6 +179,7 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
             "loras": lora_identity(request.loras),
             "device": model.device, "dtype": model.dtype, "vae_dtype": model.vae_dtype, "vae_mode": modes[-1],
             "transition_vae_modes": modes[:-1], "versions": library_versions(), **history,
+            **({"input": picture} if picture else {}),
             "ray_job_submission_id": submission_id(),
             "seconds": {"stages": [outcome.stage_seconds.get(index) for index in range(len(stages))],
                         **({"waiting": executor.waited_s} if request.workers else {})},

@@ -1,4 +1,4 @@
-"""Conversions between user images, masks and model tensors."""
+"""Masks as model tensors (the --image picture: `renderer.input_image`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def open_image(path: Path, label: str, check: Callable[[Image.Image], None] = la
     try:
         image = Image.open(path)
     except Image.DecompressionBombError as error:
-        raise RenderError(f"{label} {path} is too large to read ({error}); give an image of the base stage's size") from None
+        raise RenderError(f"{label} {path} is too large to read ({one_line(error)}); give a smaller image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise RenderError(f"{label} {path} is not a readable image ({type(error).__name__}); give a PNG, JPEG or TIFF") from None
     try:
@@ -38,20 +38,6 @@ def open_image(path: Path, label: str, check: Callable[[Image.Image], None] = la
 
 def one_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def load_image(path: Path, size: Size) -> torch.Tensor:
-    """An RGB image of exactly `size`, as a (1, 3, H, W) tensor in [−1, 1]."""
-    with open_image(path, "--image", lambda image: check_image(image, path, size)) as image:
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1.0
-
-
-def check_image(image: Image.Image, path: Path, size: Size) -> None:
-    if image.size != tuple(size):
-        raise RenderError(f"--image {path} is {format_size(image.size)}; it must be the base stage size {format_size(size)}")
-    if image.mode not in ("RGB", "RGBA", "L"):
-        raise RenderError(f"--image {path} has mode {image.mode}; use an RGB, RGBA or grayscale image")
 
 
 def load_mask(path: Path, base: Size) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -116,6 +116,7 @@ class Plan:
     vae_scale: int = 8
     frames: int = 1
     guided: bool = True  # both guidance branches in every UNet call
+    notes: list[str] = field(default_factory=list)  # what --image goes through, one line each
 
     def lines(self) -> list[str]:
         final = format_size(self.stages[-1])
@@ -123,6 +124,7 @@ class Plan:
                   f"output: {self.frames} frames of {final} (an H.264 MP4, and every frame losslessly in a {self.output_bytes / GiB:.2f} GiB "
                   "TIFF at most)")
         lines = [
+            *self.notes,
             f"stages: {' -> '.join(format_size(size) for size in self.stages)}",
             f"UNet calls: {self.unet_calls} ({'CFG batch of 2' if self.guided else 'guidance off: the conditional branch alone'}"
             f"{f' x {self.frames} frames' if self.frames > 1 else ''} each)",
@@ -236,7 +238,7 @@ def preflight(request: RenderRequest) -> Plan | None:
     check_steps(request, shape.train_timesteps)
     check_scheduler(request)
     check_motion(request, shape)
-    check_inputs(request, stages[0])
+    notes = check_inputs(request, shape, stages[0])
     driver = process_memory() + CPU_RUNTIME
     if request.workers:  # the driver loads no model: it plans, writes checkpoints and streams the TIFF
         coordinator = MemoryEstimate(driver + writing_bytes(stages[-1], request.workers, request.frames), 0, 0, 0, "cpu")
@@ -247,6 +249,7 @@ def preflight(request: RenderRequest) -> Plan | None:
         checkpoint_bytes=checkpoint_bytes(stages, shape) * request.frames, coordinator=coordinator, frames=request.frames,
         guided=guided(request.guidance),
         worker=worker_estimate(request, shape, stages, driver), vae_scale=2 ** (len(shape.vae["block_out_channels"]) - 1),
+        notes=notes,
     )
     check_disk(request, plan)
     check_memory(request, plan)
@@ -254,9 +257,13 @@ def preflight(request: RenderRequest) -> Plan | None:
 
 
 def planned_stages(request: RenderRequest, shape: ModelShape) -> list[Size]:
+    return request.plan(shape_geometry(shape))
+
+
+def shape_geometry(shape: ModelShape):
     from renderer.models.loading import geometry_from_config
 
-    return request.plan(geometry_from_config(shape.unet["sample_size"], shape.vae["block_out_channels"], shape.unet["block_out_channels"]))
+    return geometry_from_config(shape.unet["sample_size"], shape.vae["block_out_channels"], shape.unet["block_out_channels"])
 
 
 def worker_device(request: RenderRequest) -> str:
@@ -289,8 +296,13 @@ def worker_need(request: RenderRequest) -> int | None:
 
 
 def unet_calls(request: RenderRequest, stages: int) -> int:
+    from renderer.input_image import effective_strength, strength_restart
+
     upscaling = request.steps - restart_index(request.steps, request.freescale.restart_fraction)
-    return (0 if request.image else request.steps) + (stages - 1) * upscaling
+    if not request.image:
+        return request.steps + (stages - 1) * upscaling
+    first = request.steps - strength_restart(request.steps, effective_strength(request)) if stages > 1 else 0
+    return first + (stages - 2) * upscaling if stages > 1 else 0
 
 
 def writing_bytes(size: Size, workers: int, frames: int = 1) -> int:
@@ -332,14 +344,18 @@ def check_motion(request: RenderRequest, shape: ModelShape) -> None:
         check_adapter(config, shape.unet["block_out_channels"], request.frames, request.motion_adapter or request.model)
 
 
-def check_inputs(request: RenderRequest, base: Size) -> None:
-    """Read the input image and mask now, so that a bad file is one line before anything is loaded."""
-    from renderer.images import load_image, load_mask
+def check_inputs(request: RenderRequest, shape: ModelShape, base: Size) -> list[str]:
+    """Read the input image and mask now, so that a bad file is one line before anything is loaded; the notes on
+    what the picture goes through."""
+    from renderer.images import load_mask
+    from renderer.input_image import input_plan, load_input
 
+    notes = []
     if request.image is not None:
-        load_image(request.image, base)
+        notes = input_plan(request, shape_geometry(shape)).notes + load_input(request.image, base)[1]
     if request.mask is not None:
         load_mask(request.mask, base)
+    return notes
 
 
 def check_disk(request: RenderRequest, plan: Plan) -> None:

@@ -72,10 +72,13 @@ def decode_modes(request: RenderRequest, model: ModelInfo, plan: StagePlan, exec
     return modes
 
 
-def denoising_plan(stages: list[Size], steps: int, restart_fraction: float, base: bool) -> dict[int, tuple[int, int]]:
+def denoising_plan(stages: list[Size], steps: int, restart_fraction: float, base: bool,
+                   first_restart: int | None = None) -> dict[int, tuple[int, int]]:
     """(denoising steps, pixels) of every stage that denoises: the base unless it starts from an image, and every
-    upscaling stage from its restart step."""
+    upscaling stage from its restart step (the first one's `first_restart` if given: --image's --strength)."""
     upscaling = steps - restart_index(steps, restart_fraction)
     plan = {index: (upscaling, size[0] * size[1]) for index, size in enumerate(stages) if index > 0}
+    if first_restart is not None and 1 in plan:
+        plan[1] = (steps - first_restart, plan[1][1])
     return {0: (steps, stages[0][0] * stages[0][1]), **plan} if base else plan
 

@@ -27,6 +27,15 @@ def guided(guidance: float) -> bool:
     return guidance > GUIDED_ABOVE
 
 
+def parse_scale(text: str) -> float | None:
+    """The number of `--size 4x` (a scale of the --image), or None for a WIDTHxHEIGHT."""
+    number = text.lower().removesuffix("x")
+    try:
+        return float(number) if text.lower().endswith("x") and number else None
+    except ValueError:
+        return None
+
+
 def parse_size(text: str, option: str = "--size") -> Size:
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(part.strip().isascii() and part.strip().isdigit() for part in parts):
@@ -98,7 +107,7 @@ def check_stages(stages: list[Size], geometry: ModelGeometry) -> None:
                 f"every stage must keep it, e.g. {format_size((base[0] * size[1] // base[1], size[1]))}"
             )
         if size[0] <= previous[0]:
-            raise RenderError(f"stage {format_size(size)} is not larger than {format_size(previous)}; stages must grow")
+            raise RenderError(f"--stages: stage {format_size(size)} is not larger than {format_size(previous)}; stages must grow")
         if min(size) < geometry.train_px:
             raise RenderError(
                 f"upscaling stage {format_size(size)} has a side below the model's {geometry.train_px}px training "
@@ -128,7 +137,9 @@ class RenderRequest:
     steps: int = 50
     guidance: float = 7.5
     freescale: FreeScaleConfig = field(default_factory=FreeScaleConfig)
-    image: Path | None = None  # start from this image (the base size) instead of generating the base
+    image: Path | None = None  # start from this picture (its size is the first stage) instead of generating the base
+    scale: float | None = None  # with image: the final size as a multiple of the picture's (--size 4x)
+    strength: float | None = None  # with image: how much of the first upscaling stage is redone (None: the default)
     mask: Path | None = None  # region mask: white = cosine_scale, black = cosine_scale_bg
     model: str = "tiny"
     model_config: str | None = None  # diffusers config folder or hub id for original-format single files
@@ -170,8 +181,10 @@ class RenderRequest:
             raise RenderError(f"--steps {self.steps} must be at least 1 (50 is the reference)")
         if not math.isfinite(self.guidance):
             raise RenderError(f"--guidance {self.guidance} is not a finite number; try 7.5")
-        if self.size is None and not self.stages:
+        if self.size is None and not self.stages and self.scale is None:
             raise RenderError("give a final --size WIDTHxHEIGHT or explicit --stages")
+        if self.scale is not None and (self.image is None or self.size or self.stages or not (math.isfinite(self.scale) and self.scale > 1)):
+            raise RenderError(f"--size {self.scale:g}x scales your picture: give --image too, a scale above 1, and no other --size or --stages")
         if self.size is not None and self.stages and tuple(self.stages[-1]) != tuple(self.size):
             raise RenderError(f"--size {format_size(self.size)} differs from the last of --stages {format_size(self.stages[-1])}")
         if self.dtype not in (None, "float16", "bfloat16", "float32"):
@@ -225,9 +238,16 @@ class RenderRequest:
 
             for path, scale in self.loras:
                 check_lora(path, scale)
+        from renderer.input_image import check_strength
+
+        check_strength(self)
 
     def plan(self, geometry: ModelGeometry) -> list[Size]:
-        if self.stages:
+        if self.image is not None:
+            from renderer.input_image import input_plan
+
+            stages = input_plan(self, geometry).stages
+        elif self.stages:
             stages = [tuple(size) for size in self.stages]
             check_stages(stages, geometry)
         else:

@@ -33,8 +33,8 @@ from renderer.parallel.strips import RowGroup, StripLayout, plan_strips, receive
 from renderer.progress import Progress
 from renderer.request import ModelGeometry, guided
 from renderer.schedulers import SchedulerChoice
-from renderer.stages import Conditioning, encode, generate_base, upscale_stage
-from renderer.strip_vae import decode_strip, stage_reference
+from renderer.stages import Conditioning, generate_base, upscale_stage
+from renderer.strip_vae import decode_strip, encode_rows, stage_reference
 from renderer.vae_bands import to_pixels
 
 STRIP_UNIT = 8  # latent rows: whole rows at the UNet's ¼ grid, even rows at its ½ grid (design §A.1)
@@ -73,6 +73,7 @@ class StageJob:
     cfg_split: bool = False  # an even gang splits classifier-free guidance between its halves (`renderer.parallel.guidance`)
     prompt: Prompt | None = None  # encoded by the rank when `cond` is None
     initial: torch.Tensor | None = None  # (1, 3, H, W) in [-1, 1] at the base size: the base stage encodes it (--image)
+    first_restart: int | None = None  # schedule index stage 1 restarts at (--image's --strength); None: as every stage
     first_sharded: int | None = None  # stages before it run on rank 0 alone (None: every stage on every rank)
     stage_ends: dict[int, torch.Tensor] = field(default_factory=dict)  # with save_stages: latents of stages not run, to decode
     frames: int = 1  # a clip's frames: the latents' batch, denoised together by a motion UNet
@@ -140,11 +141,20 @@ def run_stages(pipeline, job: StageJob, group=None, local: bool = False, progres
 def base_latents(pipeline, job: StageJob, cond: Conditioning, progress: Progress, metrics: RenderMetrics) -> torch.Tensor:
     """Stage 0, whole: generated from the seed's noise, or the --image encoded."""
     width, height = job.stages[0]
-    if job.initial is not None:
-        return encode(pipeline, job.initial.to(pipeline.unet.device), job.config.seed, stage=0).float()
+    if job.initial is not None:  # in the mode of stage 0's decode: both hold the whole picture
+        rows = RowGroup.single(height // pipeline.vae_scale_factor)
+        mode = (job.transition_modes or [job.final_mode])[0]
+        return encode_rows(pipeline, rows, job.initial.to(pipeline.unet.device), job.config.seed, 0, mode).float()
     progress.stage(f"stage 0 {width}x{height}", job.steps)
     return generate_base(pipeline, cond, (height, width), job.steps, job.config, metrics.stepping(progress, 0, 0), job.frames,
                          job.scheduler).float()
+
+
+def restart_step(job: StageJob, index: int) -> int:
+    """The schedule index upscaling stage `index` restarts at."""
+    if index == 1 and job.first_restart is not None:
+        return job.first_restart
+    return restart_index(job.steps, job.config.restart_fraction)
 
 
 def stage_loop(pipeline, job: StageJob, group, local: bool, world: int, guide: GuidanceSplit | None, progress: Progress,
@@ -198,7 +208,7 @@ def stage_loop(pipeline, job: StageJob, group, local: bool, world: int, guide: G
             into = partial(guide.to_branch, rows)
             back = partial(guide.to_strip, rows, denoised)
         alpha = detail_scale(config, job.mask, denoised, size[0] // geometry.vae_scale, device)
-        begin = resume[0] if resume else restart_index(job.steps, config.restart_fraction)
+        begin = resume[0] if resume else restart_step(job, index)
         progress.stage(f"stage {index} {size[0]}x{size[1]}" + (f" on {world} workers" if world > 1 else ""), job.steps - begin)
         cadence.start(begin)
 
@@ -215,7 +225,7 @@ def stage_loop(pipeline, job: StageJob, group, local: bool, world: int, guide: G
             latents = back(upscale_stage(
                 pipeline, stage_cond, into(reference), (size[1], size[0]), index, job.steps, config, alpha,
                 metrics.stepping(progress, index, rows.rank), backend=sharded_backend(denoised),
-                rows=denoised.layout.rows(denoised.rank), resume=None if resume is None else (resume[0], into(resume[1])),
+                rows=denoised.layout.rows(denoised.rank), start=begin, resume=None if resume is None else (resume[0], into(resume[1])),
                 after_step=after_step, both_branches=both_branches, choice=job.scheduler,
             ))
         run.step_bytes[index] = {kind: (total - before.get(kind, 0)) // (job.steps - begin) for kind, total in received_bytes.items()}

@@ -105,7 +105,7 @@ def generate_base(pipeline, cond: Conditioning, size_hw: tuple[int, int], steps:
 def upscale_stage(
     pipeline, cond: Conditioning, reference: torch.Tensor, size_hw: tuple[int, int], stage: int, steps: int,
     config: FreeScaleConfig, alpha: float | torch.Tensor, progress: Progress, backend: Backend = LOCAL,
-    rows: slice = slice(None), resume: tuple[int, torch.Tensor] | None = None,
+    rows: slice = slice(None), start: int | None = None, resume: tuple[int, torch.Tensor] | None = None,
     after_step: Callable[[int, torch.Tensor], None] | None = None, both_branches: BothBranches | None = None,
     choice: SchedulerChoice | None = None,
 ) -> torch.Tensor:
@@ -113,17 +113,18 @@ def upscale_stage(
 
     A row-sharded worker passes the latent `rows` it holds (reference and alpha are already those rows)
     and a sharded `backend`; the noise is drawn whole and sliced, so it never depends on the sharding.
-    `resume` = (step index, latents after the step before it) continues a checkpointed stage (a one-step
-    update depends on the step index alone); `after_step(steps done, latents)` follows every step, not given
-    the latents of a multistep solver's steps (its history is not in a checkpoint); `both_branches`: see
-    `predict_noise`; `choice`: the scheduler (`renderer.schedulers`), else the model's.
+    `start`: the restart index (default: the config's restart fraction). `resume` = (step index, latents after the
+    step before it) continues a checkpointed stage (a one-step update depends on the step index alone);
+    `after_step(steps done, latents)` follows every step, not given the latents of a multistep solver's steps (its
+    history is not in a checkpoint); `both_branches`: see `predict_noise`; `choice`: the scheduler
+    (`renderer.schedulers`), else the model's.
     """
     scheduler = fresh_scheduler(pipeline, steps, choice)
     if keeps_history(scheduler):
         after_step = None
     latent_shape = (reference.shape[0], reference.shape[1], size_hw[0] // pipeline.vae_scale_factor, size_hw[1] // pipeline.vae_scale_factor)
     noise = normal(latent_shape, config.seed, "restart-noise", stage)[:, :, rows].to(reference.device)
-    start = restart_index(steps, config.restart_fraction)
+    start = restart_index(steps, config.restart_fraction) if start is None else start
     if resume is None:
         latents = noised(scheduler, reference, noise, start)
     else:

@@ -76,12 +76,17 @@ def stage_reference(pipeline, previous: RowGroup, latents: torch.Tensor, image: 
     if config.upsample_space == "latent":
         return ops.resize(previous, latents, rows.layout, size[0] // scale)
     image = ops.resize(previous, image, rows.layout.scaled(Fraction(scale)), size[0])
-    span = rows.layout.rows(rows.rank)
+    return encode_rows(pipeline, rows, image, config.seed, stage, mode)
+
+
+def encode_rows(pipeline, rows: RowGroup, image: torch.Tensor, seed: int, stage: int, mode: str = "exact") -> torch.Tensor:
+    """This rank's latent rows of the seeded encode of the image whose pixel strip it holds (`mode`: exact, or
+    tiled as diffusers tiles it)."""
     if mode == "tiled":
         moments = encode_strip_tiled(pipeline.vae, rows, image)
     else:
-        moments = banded(pipeline.vae, rows, size[0]).encode(image)
-    return sample_latents(pipeline, moments, config.seed, stage, rows=span, latent_height=rows.layout.height)
+        moments = banded(pipeline.vae, rows, image.shape[3]).encode(image)
+    return sample_latents(pipeline, moments, seed, stage, rows=rows.layout.rows(rows.rank), latent_height=rows.layout.height)
 
 
 def encode_strip_tiled(vae, rows: RowGroup, image: torch.Tensor) -> torch.Tensor:

@@ -78,10 +78,12 @@ def reduce2(pixels: np.ndarray) -> np.ndarray:
     return ((total + 2) // 4).astype(np.uint8)
 
 
-def xmp_packet(prompt: str, negative_prompt: str, software: str, loras: list[dict] = ()) -> bytes:
-    """UTF-8 XMP with the prompt in dc:description, so non-ASCII prompts survive (TIFF text tags are ASCII), and
-    each LoRA fused into the model (file name, SHA-256, scale)."""
+def xmp_packet(prompt: str, negative_prompt: str, software: str, loras: list[dict] = (), fields: dict[str, str] | None = None) -> bytes:
+    """UTF-8 XMP with the prompt in dc:description, so non-ASCII prompts survive (TIFF text tags are ASCII), each
+    LoRA fused into the model (file name, SHA-256, scale), and `fields` as freescale: properties (e.g. the input
+    picture's digest)."""
     items = "".join(f'<rdf:li>{escape(Path(lora["path"]).name)} sha256:{lora["sha256"]} scale:{lora["scale"]:g}</rdf:li>' for lora in loras)
+    properties = "".join(f"<freescale:{name}>{escape(value)}</freescale:{name}>" for name, value in (fields or {}).items())
     body = (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
         '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
@@ -89,7 +91,7 @@ def xmp_packet(prompt: str, negative_prompt: str, software: str, loras: list[dic
         'xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmlns:freescale="https://freescale-poster/ns/1.0/">'
         f'<xmp:CreatorTool>{escape(software)}</xmp:CreatorTool>'
         f'<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{escape(prompt)}</rdf:li></rdf:Alt></dc:description>'
-        f'<freescale:negativePrompt>{escape(negative_prompt)}</freescale:negativePrompt>'
+        f'<freescale:negativePrompt>{escape(negative_prompt)}</freescale:negativePrompt>{properties}'
         + (f'<freescale:loras><rdf:Seq>{items}</rdf:Seq></freescale:loras>' if items else '') +
         '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
     )
@@ -162,7 +164,7 @@ def raw_bands(path: Path, width: int, rows: int) -> Iterator[np.ndarray]:
 
 def write_pyramid(
     path: Path, bands: Iterable[np.ndarray], size: tuple[int, int], options: TiffOptions,
-    parameters: dict, prompt: str, negative_prompt: str = "",
+    parameters: dict, prompt: str, negative_prompt: str = "", xmp_fields: dict[str, str] | None = None,
 ) -> None:
     """Write the bands (top to bottom, (rows, W, 3) uint8) as a tiled pyramidal TIFF, atomically.
 
@@ -176,7 +178,7 @@ def write_pyramid(
         "photometric": "rgb", "tile": (options.tile, options.tile), "resolution": (options.dpi, options.dpi),
         "resolutionunit": "INCH", "software": options.software, **options.codec(),
     }
-    xmp = xmp_packet(prompt, negative_prompt, options.software, parameters.get("loras", []))
+    xmp = xmp_packet(prompt, negative_prompt, options.software, parameters.get("loras", []), xmp_fields)
     first = {"extratags": [(XMP_TAG, "B", len(xmp), xmp, True)], "datetime": True}
     if ome:
         first.update(metadata={"axes": "YXS"}, subifds=len(shapes) - 1)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from renderer.memory import available_memory, memory_limit, peak_memory
 from renderer.metrics import NULL_METRICS, RenderMetrics
+from renderer.input_image import conditioning_size
 from renderer.models import load_pipeline, model_geometry
 from renderer.models.lora import Lora, fuse_loras
 from renderer.models.motion import max_frames
@@ -117,7 +118,7 @@ class Worker:
         rank = dist.get_rank() if gang else 0
         with torch.inference_mode():
             if job.cond is None:
-                base = job.stages[0]
+                base = conditioning_size(job.stages[0], model_geometry(pipeline).train_px) if job.initial is not None else job.stages[0]
                 job = replace(job, cond=encode_prompts(pipeline, job.prompt.text, job.prompt.negative, (base[1], base[0]),
                                                        job.prompt.guidance).to("cpu"))
             pixels = self.decode_stage_ends(job) if rank == 0 else {}

@@ -46,7 +46,9 @@ def write_outputs(request, result, rows: Iterable[np.ndarray], started: float, d
         write_png(out, np.concatenate(list(rows), axis=0))
     else:
         options = TiffOptions(tile=request.tile_size, compression=request.compression, dpi=request.dpi, software=software_name())
-        write_pyramid(out, rows, result.stages[-1], options, result.metadata, request.prompt, request.negative_prompt)
+        picture = result.metadata.get("input")
+        fields = {"inputImageSha256": picture["sha256"], "strength": f"{picture['strength']:g}"} if picture else None
+        write_pyramid(out, rows, result.stages[-1], options, result.metadata, request.prompt, request.negative_prompt, fields)
         if request.preview:
             written.append(preview_path(out))
             write_preview(out, written[-1])
