@@ -236,7 +236,9 @@ def preflight(request: RenderRequest) -> Plan | None:
         return None
     stages = planned_stages(request, shape)
     check_steps(request, shape.train_timesteps)
-    check_scheduler(request)
+    if request.scheduler is not None:  # it builds on the model's scheduler config and takes --steps
+        from renderer.schedulers import build, model_scheduler_config
+        build(model_scheduler_config(request.model), None, request.scheduler_choice, request.steps)
     check_motion(request, shape)
     notes = check_inputs(request, shape, stages[0])
     driver = process_memory() + CPU_RUNTIME
@@ -325,14 +327,6 @@ def checkpoint_bytes(stages: list[Size], shape: ModelShape) -> int:
 def check_steps(request: RenderRequest, train_timesteps: int) -> None:
     if request.steps > train_timesteps:
         raise RenderError(f"--steps {request.steps} exceeds the scheduler's {train_timesteps} training timesteps; use at most {train_timesteps} (50 is the reference)")
-
-
-def check_scheduler(request: RenderRequest) -> None:
-    """--scheduler with its options builds on the model's scheduler config and takes --steps."""
-    from renderer.schedulers import build, model_scheduler_config
-
-    if request.scheduler is not None:
-        build(model_scheduler_config(request.model), None, request.scheduler_choice, request.steps)
 
 
 def check_motion(request: RenderRequest, shape: ModelShape) -> None:
