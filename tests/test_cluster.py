@@ -51,7 +51,7 @@ def test_two_workers_write_the_single_process_render(ray_session, tiny_pipeline,
     assert sidecar["workers"]["stage_ranks"] == [[0], [0, 1], [0, 1]]  # the base stage on rank 0, inside the gang
     assert sidecar["device"] == "cpu" and sidecar["dtype"] == "float32"  # the workers' model, not a driver's
     for index, expected in enumerate(single.stage_images):
-        stage = np.asarray(Image.open(tmp_path / f"sharded.png.stage{index}-{['256x256', '512x512'][index]}.png"))
+        stage = np.asarray(Image.open(tmp_path / f"sharded.tif.stage{index}-{['256x256', '512x512'][index]}.png"))
         assert np.abs(stage.astype(int) - expected).max() <= 1
 
 

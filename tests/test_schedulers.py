@@ -113,3 +113,14 @@ def test_bad_scheduler_choices_are_one_line_errors(capsys, tmp_path, words, mess
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_the_render_id_changes_with_the_scheduler_and_its_options():
+    from renderer import RenderRequest
+    from renderer.identity import render_id
+
+    base = RenderRequest(prompt="a", size=(256, 256))
+    requests = [base, base.with_(scheduler="DPMSolverMultistepScheduler"),
+                base.with_(scheduler="DPMSolverMultistepScheduler", scheduler_options={"use_karras_sigmas": True}),
+                base.with_(scheduler="DPMSolverMultistepScheduler", scheduler_options={"use_karras_sigmas": False})]
+    assert len({render_id(request, [(256, 256)], "float32", "cpu") for request in requests}) == 4

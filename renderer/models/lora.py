@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def fuse_loras(pipeline, loras: tuple[Lora, ...], model: str) -> None:
     for name, (path, _) in zip(names, loras):
         expected = _layer_count(pipeline, path)
         try:
-            pipeline.load_lora_weights(path, adapter_name=name)
+            with warnings.catch_warnings():  # PEFT warns of every adapter after the first, which is what is wanted here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                pipeline.load_lora_weights(path, adapter_name=name)
         except (ValueError, KeyError, RuntimeError, IndexError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise RenderError(f"--lora {path}: its keys do not match --model {model} ({first[:300]})") from None
