@@ -135,7 +135,7 @@ def test_the_render_id_sidecar_and_xmp_name_each_lora_and_its_scale(loras, tmp_p
                             loras=((loras["style"], 0.5), (loras["detail"], 1.0)))
     render(request, progress=False)
     digests = [lora_digest(loras["style"]), lora_digest(loras["detail"])]
-    sidecar = json.loads((tmp_path / "a.json").read_text())
+    sidecar = json.loads((tmp_path / "a.tif.json").read_text())
     assert [(entry["sha256"], entry["scale"]) for entry in sidecar["loras"]] == list(zip(digests, (0.5, 1.0)))
     with tifffile.TiffFile(tmp_path / "a.tif") as tif:
         xmp = tif.pages[0].tags[XMP_TAG].value.decode("utf-8")

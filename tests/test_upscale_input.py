@@ -187,7 +187,7 @@ def test_the_outputs_and_the_render_id_record_the_picture_and_strength(tiny_pipe
     request = RenderRequest(prompt="a red creature", image=scene, scale=2.0, steps=4, strength=0.5, out=tmp_path / "p.tif")
     result = render(request, pipeline=tiny_pipeline, progress=False)
     digest = hashlib.sha256(scene.read_bytes()).hexdigest()
-    sidecar = json.loads((tmp_path / "p.json").read_text())
+    sidecar = json.loads((tmp_path / "p.tif.json").read_text())
     assert sidecar["input"] == {"image": str(scene), "sha256": digest, "size": "256x256", "strength": 0.5,
                                 "first_restart_step": 2, "notes": []}
     with tifffile.TiffFile(tmp_path / "p.tif") as tif:
