@@ -13,6 +13,7 @@ from functools import partial
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 import torch
 from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig
@@ -175,3 +176,16 @@ def test_a_bad_lora_is_one_line_naming_the_file(loras, capsys, tmp_path, word, m
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
     assert not (tmp_path / "a.tif").exists()
+
+
+def test_the_issues_command_renders_in_one_process_and_on_a_gang(ray_session, loras, merged_folder, tmp_path):
+    """`--model FOLDER --lora style:0.8 --lora detail --scheduler DPMSolverMultistepScheduler
+    --scheduler-option use_karras_sigmas=true`, through the CLI, alone and with `--workers 2` on a real local Ray."""
+    command = ["--model", merged_folder, "--lora", f"{loras['style']}:0.8", "--lora", loras["detail"],
+               "--scheduler", "DPMSolverMultistepScheduler", "--scheduler-option", "use_karras_sigmas=true",
+               "--prompt", "a lighthouse at dusk", "--stages", "256x256,512x512", "--steps", "4", "--vae-mode", "exact"]
+    assert main([*command, "--out", str(tmp_path / "one.png")]) == 0
+    assert main([*command, "--workers", "2", "--out", str(tmp_path / "gang.png")]) == 0
+    one, gang = (np.asarray(Image.open(tmp_path / name)).astype(int) for name in ("one.png", "gang.png"))
+    assert one.shape == (512, 512, 3) and int(np.abs(one - gang).max()) <= 1
+    assert json.loads((tmp_path / "gang.png.json").read_text())["workers"]["stage_ranks"][-1] == [0, 1]  # both ranks ran it
