@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=512, help="the pictures' width")
     parser.add_argument("--scales", type=lambda text: [int(s) for s in text.split(",")], default=[4])
-    parser.add_argument("--strengths", type=lambda text: [float(s) for s in text.split(",")], default=[0.3, 0.6])
+    parser.add_argument("--strengths", type=lambda text: [float(s) for s in text.split(",")], default=[0.2, 0.4])  # the default --strength and one that redraws more
     parser.add_argument("--methods", type=lambda text: text.split(","), help="only the methods whose names start so")
     parser.add_argument("--square-only", action="store_true", help="only the square picture")
     parser.add_argument("--steps", type=int, default=10)
