@@ -150,6 +150,19 @@ def base_latents(pipeline, job: StageJob, cond: Conditioning, progress: Progress
                          job.scheduler).float()
 
 
+def previous_image(pipeline, job: StageJob, rows: RowGroup, latents: torch.Tensor, index: int) -> torch.Tensor | None:
+    """This rank's pixel rows of stage `index - 1`'s image, where the RGB upsample or --save-stages needs them: an
+    --image render's picture itself after stage 0 (its VAE round trip at the picture's size would blur the
+    small details the upsample is to keep), else the stage's latents decoded."""
+    if index == 1 and job.initial is not None:
+        scale = pipeline.vae_scale_factor
+        start, stop = rows.span
+        return job.initial[:, :, start * scale : stop * scale].to(latents.device, torch.float32)
+    if job.config.upsample_space == "rgb" or job.save_stages:
+        return decode_strip(pipeline, rows, latents, job.transition_modes[index - 1])
+    return None
+
+
 def restart_step(job: StageJob, index: int) -> int:
     """The schedule index upscaling stage `index` restarts at."""
     if index == 1 and job.first_restart is not None:
@@ -191,9 +204,7 @@ def stage_loop(pipeline, job: StageJob, group, local: bool, world: int, guide: G
             resume = (job.resume_step, latents)
         else:
             target = row_group(stage_layout(geometry, size, config, world))
-            image = None
-            if config.upsample_space == "rgb" or job.save_stages:
-                image = decode_strip(pipeline, rows, latents, job.transition_modes[index - 1])
+            image = previous_image(pipeline, job, rows, latents, index)
             if job.save_stages:
                 run.stage_pixels[index - 1] = to_pixels(image)
             reference = stage_reference(pipeline, rows, latents, image, target, size, config, index, job.transition_modes[index - 1])

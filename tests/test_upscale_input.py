@@ -248,3 +248,12 @@ def test_refusals_name_the_picture(tmp_path):
     path = picture(tmp_path / "in.png", 300, 200)
     with pytest.raises(RenderError, match="300x200"):
         input_plan(RenderRequest(prompt="p", image=path, size=(512, 512), out=tmp_path / "o.png"), TOY)
+
+
+def test_the_first_upscaling_stage_starts_from_the_picture_itself(tiny_pipeline, tmp_path):
+    """Stage 0's image is the picture, byte for byte, not its VAE round trip at its own size (which would blur
+    the small details, a creature's pupils, before the first upsample)."""
+    path = picture(tmp_path / "in.png", 256, 256, seed=3)
+    request = RenderRequest(prompt="a kite", image=path, size=(512, 512), steps=2, save_stages=True, out=tmp_path / "o.png")
+    result = render(request, pipeline=tiny_pipeline, progress=False, write=False)
+    assert np.array_equal(result.stage_images[0], np.asarray(Image.open(path).convert("RGB")))
