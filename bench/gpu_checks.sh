@@ -78,9 +78,9 @@ timeout 300 python3 bench/few_step.py --device cuda --seeds 8 --timing-models to
   --out-dir "$OUT/few_step"
 
 echo "== upscale a picture (issue 34): the toy faithfulness benchmark at 4x and 8x, every column (8x is left out on the CPU)"
-timeout 420 python3 bench/upscale.py --device cuda --scales 4,8 --steps 10 --strengths 0.2,0.4 --out-dir "$OUT/upscale_toy" \
+timeout 420 python3 bench/upscale.py --device cuda --scales 4,8 --steps 10 --strengths 0.1,0.4 --out-dir "$OUT/upscale_toy" \
   --sheet "$OUT/upscale_toy/sheet.png"
 
 echo "== upscale a picture (issue 34): sdxl-random fp16, a 1024² picture -> 4096² (ours at the default strength), time"
 timeout 420 python3 bench/upscale.py --model sdxl-random --device cuda --size 1024 --scales 4 --square-only \
-  --methods bicubic,ours --strengths 0.2 --steps 30 --out-dir "$OUT/upscale_sdxl"
+  --methods bicubic,ours --strengths 0.1 --steps 30 --out-dir "$OUT/upscale_sdxl"

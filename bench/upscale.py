@@ -2,7 +2,7 @@
 is added (issue 34).
 
     python bench/upscale.py --scales 4 --steps 10 --out-dir bench/results/upscale --sheet docs/upscale_sheet.png
-    python bench/upscale.py --model sdxl-random --device cuda --size 1024 --scales 4 --square-only --methods ours --strengths 0.3
+    python bench/upscale.py --model sdxl-random --device cuda --size 1024 --scales 4 --square-only --methods ours --strengths 0.1
 
 Pictures the toy model did not make: procedural scenes of `renderer.toy.scenes` drawn at 512² and at 512×384 (a
 512² scene's middle 384 rows, the creature inside). For each and each scale, every method's output is measured:
@@ -181,7 +181,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=512, help="the pictures' width")
     parser.add_argument("--scales", type=lambda text: [int(s) for s in text.split(",")], default=[4])
-    parser.add_argument("--strengths", type=lambda text: [float(s) for s in text.split(",")], default=[0.2, 0.4])  # the default --strength and one that redraws more
+    parser.add_argument("--strengths", type=lambda text: [float(s) for s in text.split(",")],
+                        default=[0.1, 0.2, 0.4], help="ours at each (default: the CLI's 0.1 and two that redraw more)")
     parser.add_argument("--methods", type=lambda text: text.split(","), help="only the methods whose names start so")
     parser.add_argument("--square-only", action="store_true", help="only the square picture")
     parser.add_argument("--steps", type=int, default=10)

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--image", type=Path, help="upscale this picture: its size (on the model's grid, at least the training size) is the "
         "first stage, instead of generating a base")
     add("--strength", type=float, help="with --image: how much of the first upscaling stage is redone, in (0, 1] as diffusers' "
-        "img2img strength (default 0.2); later stages keep --restart-fraction")
+        "img2img strength (default 0.1); later stages keep --restart-fraction")
     add("--mask", type=Path, help="region mask: white regions use --cosine-scale, black ones --cosine-scale-bg")
     add("--cosine-scale-bg", type=float, default=defaults.cosine_scale_bg, help="detail scale outside the mask (default 1.0)")
     add("--model", default="tiny",

@@ -22,7 +22,7 @@ from renderer.request import ModelGeometry, RenderRequest, Size, check_granular,
 ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose honours
 QUARTER_TURNS = {5, 6, 7, 8}  # orientations shown turned by 90°: width and height swap
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-DEFAULT_STRENGTH = 0.2  # bench/upscale.py, docs/benchmarks.md: the more faithful of the two settings measured, one subject kept
+DEFAULT_STRENGTH = 0.1  # bench/upscale.py: as faithful as direct img2img by PSNR and SSIM, one subject kept
 
 
 @dataclass(frozen=True)
