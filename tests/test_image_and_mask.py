@@ -25,10 +25,13 @@ def ramp_image(path, size=(256, 256)):
     return pixels
 
 
-def test_image_input_replaces_the_base_stage_with_its_seeded_reconstruction(tiny_pipeline, tmp_path):
+def test_image_input_is_the_base_stage_encoded_with_its_seeded_posterior(tiny_pipeline, tmp_path):
+    """The base stage's latents are the picture's seeded encode (what a latent-space upsample and a stage-0
+    checkpoint hold; the RGB upsample takes the picture itself, tests/test_upscale_input.py): a render of
+    that one stage decodes them."""
     pixels = ramp_image(tmp_path / "in.png")
-    request = RenderRequest(prompt="p", stages=STAGES, steps=3, seed=5, image=tmp_path / "in.png", save_stages=True, out=tmp_path / "o.png")
-    result = render(request, pipeline=tiny_pipeline, progress=False)
+    request = RenderRequest(prompt="p", stages=STAGES[:1], steps=3, seed=5, image=tmp_path / "in.png", out=tmp_path / "o.png")
+    result = render(request, pipeline=tiny_pipeline, progress=False, write=False)
     vae = tiny_pipeline.vae
     with torch.no_grad():
         image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -36,7 +39,7 @@ def test_image_input_replaces_the_base_stage_with_its_seeded_reconstruction(tiny
         latents = posterior.mean + posterior.std * normal(tuple(posterior.mean.shape), 5, "vae-posterior", 0)
         expected = vae.decode(latents).sample
     expected = ((expected[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    assert np.abs(result.stage_images[0].astype(int) - expected).max() <= 1
+    assert np.abs(result.image.astype(int) - expected).max() <= 1
 
 
 def render_with(tiny_pipeline, tmp_path, name, mask_value=None, **config):
