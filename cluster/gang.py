@@ -323,22 +323,33 @@ class Gang(Executor):
             relay(queue, progress, on_checkpoint)
             return Outcome.of([results[rank] for rank in range(len(self.workers))])
         except ray.exceptions.RayError as error:  # the gang is torn down by __exit__; one rank's failure ends all
-            self.metrics.worker_failed(failure_reason(error))
-            if lost_worker(error):
-                raise WorkerLost(f"a worker was lost: {failure(error)}") from error
-            if isinstance(error, ray.exceptions.OutOfMemoryError):  # a restart would only run out again
-                raise RenderError("a worker ran out of memory (Ray's memory monitor stopped it); "
-                                  "spread the workers over more nodes, or try --vae-mode tiled, --fast-mode or a smaller "
-                                  "--size (--dry-run shows the estimate)") from error
-            raise RenderError(f"a worker failed: {failure(error)}") from error
+            raise self.failed(error) from error
         finally:
             queue.shutdown()
 
+    def failed(self, error: Exception) -> RenderError:
+        """What a rank's failure ends the render with, counted: a `WorkerLost` where a new gang could go on."""
+        import ray
+
+        self.metrics.worker_failed(failure_reason(error))
+        if lost_worker(error):
+            return WorkerLost(f"a worker was lost: {failure(error)}")
+        if isinstance(error, ray.exceptions.OutOfMemoryError):  # a restart would only run out again
+            return RenderError("a worker ran out of memory (Ray's memory monitor stopped it); "
+                               "spread the workers over more nodes, or try --vae-mode tiled, --fast-mode or a smaller "
+                               "--size (--dry-run shows the estimate)")
+        return RenderError(f"a worker failed: {failure(error)}")
+
     def pixel_rows(self) -> Iterator[np.ndarray]:
         """The final image, one worker's strip at a time (a clip's: frame after frame), so that the driver never
-        holds more than one strip."""
+        holds more than one strip. A worker lost before its strip is taken ends it as in `run`: the strip was
+        only on that worker."""
         import ray
 
         for frame in range(self.frames):
             for worker in self.workers:
-                yield ray.get(worker.take_pixels.remote(frame))
+                try:
+                    strip = ray.get(worker.take_pixels.remote(frame))
+                except ray.exceptions.RayError as error:
+                    raise self.failed(error) from error
+                yield strip

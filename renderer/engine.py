@@ -2,7 +2,8 @@
 
 The driver (this process) plans from the model's configs, starts an executor (`renderer.executor`: one rank
 here, or a Ray gang), hands its ranks one job with every stage, writes the checkpoints they hand back, and
-streams the final rows into the TIFF. With a gang it loads no model at all.
+streams the final rows into the TIFF; a rank lost before its rows are all taken is replaced, and the render
+goes on from its newest checkpoint (`renderer.recovery`). With a gang it loads no model at all.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from renderer.checkpoints import CheckpointStore, CheckpointWriter
 from renderer.clip_files import write_clip
 from renderer.errors import RenderError
-from renderer.executor import Executor, Executors
+from renderer.executor import Executor, Executors, Outcome
 from renderer.identity import render_id
 from renderer.images import load_mask
 from renderer.input_image import input_plan, input_record, load_input
@@ -168,32 +169,44 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
                  resumed.stage, format_size(stages[resumed.stage]))
     writer = None if store is None else CheckpointWriter(store, [h // model.geometry.vae_scale for _, h in stages], metrics.checkpoint_written)
 
-    # Stages: every one on the executor's ranks, rebuilt from the newest checkpoint if a rank is lost.
-    executor, outcome = run_recovering(request, executors, job, store, writer, bar, history["restarts"], model.geometry)
-    bar.close()
-    result = RenderResult(
-        image=None, latents=outcome.latents, stages=stages,
-        stage_images=[outcome.stage_images[k] for k in sorted(outcome.stage_images)],
-        metadata={
-            "request": request.to_dict(), "stages": [format_size(s) for s in stages], "freescale": config.to_dict(),
-            "loras": lora_identity(request.loras),
-            "device": model.device, "dtype": model.dtype, "vae_dtype": model.vae_dtype, "vae_mode": modes[-1],
-            "transition_vae_modes": modes[:-1], "versions": library_versions(), **history,
-            **({"input": picture} if picture else {}),
-            "ray_job_submission_id": submission_id(),
-            "seconds": {"stages": [outcome.stage_seconds.get(index) for index in range(len(stages))],
-                        **({"waiting": executor.waited_s} if request.workers else {})},
-            **({"workers": gang_summary(executor, plan, outcome, request.cfg_split and guided(request.guidance))} if request.workers else {}),
-        },
-    )
+    def finish(executor: Executor, outcome: Outcome) -> RenderResult:
+        """The stages' result, and its outputs from the ranks' final rows."""
+        bar.close()
+        result = RenderResult(
+            image=None, latents=outcome.latents, stages=stages,
+            stage_images=[outcome.stage_images[k] for k in sorted(outcome.stage_images)],
+            metadata={
+                "request": request.to_dict(), "stages": [format_size(s) for s in stages], "freescale": config.to_dict(),
+                "loras": lora_identity(request.loras),
+                "device": model.device, "dtype": model.dtype, "vae_dtype": model.vae_dtype, "vae_mode": modes[-1],
+                "transition_vae_modes": modes[:-1], "versions": library_versions(), **history,
+                **({"input": picture} if picture else {}),
+                "ray_job_submission_id": submission_id(),
+                "seconds": {"stages": [outcome.stage_seconds.get(index) for index in range(len(stages))],
+                            **({"waiting": executor.waited_s} if request.workers else {})},
+                **({"workers": gang_summary(executor, plan, outcome, request.cfg_split and guided(request.guidance))} if request.workers else {}),
+            },
+        )
+        stream_outputs(request, executor, result, write, keep_image, metrics, started, model.device)
+        if store is not None and not request.keep_checkpoints:
+            store.clear()
+        return result
 
-    # Outputs: the final rows streamed from the ranks into the files.
+    # Stages, then outputs: on the executor's ranks, rebuilt from the newest checkpoint if a rank is lost (also
+    # while the final rows stream from the ranks into the files).
+    return run_recovering(request, executors, job, store, writer, bar, history["restarts"], model.geometry, finish)
+
+
+def stream_outputs(request: RenderRequest, executor: Executor, result: RenderResult, write: bool, keep_image: bool,
+                   metrics: RenderMetrics, started: float, device: str) -> None:
+    """The final rows streamed from the ranks into the files (with `write`), and into `result.image` (with
+    `keep_image`, or when nothing is written)."""
     kept: list[np.ndarray] = []
     rows = executor.pixel_rows()
     if keep_image or not write:
         rows = tee_into(rows, kept)
     if write:
-        here = torch.device(model.device if not request.workers else "cpu")  # the peak of this process's memory
+        here = torch.device(device if not request.workers else "cpu")  # the peak of this process's memory
         files = (write_clip if request.frames > 1 else write_outputs)(request, result, rows, started, here)
         metrics.output_written(sum(path.stat().st_size for path in files))
     else:
@@ -201,12 +214,9 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
             pass
         result.metadata["seconds"]["total"] = time.perf_counter() - started
     executor.written()
-    if store is not None and not request.keep_checkpoints:
-        store.clear()
     if kept:
         image = np.concatenate(kept)  # (H, W, 3), or a clip's frames stacked along the rows
         result.image = image.reshape(request.frames, -1, *image.shape[1:]) if request.frames > 1 else image
-    return result
 
 
 def complete_output(request: RenderRequest, identity: str) -> dict | None:

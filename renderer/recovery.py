@@ -1,10 +1,13 @@
 """Going on after a lost rank: rebuild the executor (as many ranks as the cluster still hosts, up to the same
-count) and resume from the newest checkpoint, at most --max-restarts times."""
+count) and resume from the newest checkpoint, at most --max-restarts times; the outputs are written again
+(every file is written atomically, so a loss while they stream leaves none half-written)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Callable, TypeVar
+
 from renderer.checkpoints import Checkpoint, CheckpointStore, CheckpointWriter
 from renderer.errors import RenderError, WorkerLost
 from renderer.executor import Executor, Executors, Outcome
@@ -14,17 +17,19 @@ from renderer.request import ModelGeometry, RenderRequest
 from renderer.stage_loop import StageJob
 
 log = logging.getLogger("freescale_poster")
+T = TypeVar("T")
 
 
 def run_recovering(request: RenderRequest, executors: Executors, job: StageJob, store: CheckpointStore | None,
-                   writer: CheckpointWriter | None, progress: Progress, restarts: list[dict],
-                   geometry: ModelGeometry) -> tuple[Executor, Outcome]:
-    """Run the job on the pool's current executor; when a rank is lost, replace it with a new one and go on.
-    Returns the executor that holds the final pixels, and its outcome."""
+                   writer: CheckpointWriter | None, progress: Progress, restarts: list[dict], geometry: ModelGeometry,
+                   finish: Callable[[Executor, Outcome], T]) -> T:
+    """Run the job on the pool's current executor, then `finish(executor, outcome)` (the outputs, streamed from the
+    ranks' final rows); when a rank is lost in either, replace the executor with a new one and go on. A rank is
+    as easily lost after the job's last step as before it: its final rows live only on its worker until taken."""
     executor = executors.current
     while True:
         try:
-            return executor, executor.run(job, progress, writer)
+            return finish(executor, executor.run(job, progress, writer))
         except WorkerLost as error:
             if len(restarts) >= request.max_restarts:
                 raise RenderError(f"{error}; gave up after {len(restarts)} restarts (--max-restarts {request.max_restarts})") from error

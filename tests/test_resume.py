@@ -156,7 +156,11 @@ def kill_one_worker() -> None:
 
 
 @pytest.mark.timeout(600)
-def test_a_killed_worker_is_replaced_and_the_render_is_byte_identical(ray_session, tiny_pipeline, tmp_path):
+def test_a_killed_worker_is_replaced_and_the_render_is_byte_identical(ray_session, tiny_pipeline, tmp_path, monkeypatch):
+    """Killed mid-stage, or after the last step while the driver takes the final rows (which only the workers
+    hold): either way a new gang goes on from the newest checkpoint, the stage's end in the second case."""
+    from cluster.gang import Gang
+
     request = RenderRequest(prompt="a red kite", seed=11, stages=STAGES, steps=5, workers=2, checkpoint_every_steps=1,
                             vae_mode="exact", out=tmp_path / "undisturbed.png")
     render(request, pipeline=tiny_pipeline, progress=False)
@@ -167,6 +171,20 @@ def test_a_killed_worker_is_replaced_and_the_render_is_byte_identical(ray_sessio
     assert len(restarts) == 1 and restarts[0]["workers_after"] == 2
     assert restarts[0]["resumed_from"]["stage"] == 2 and restarts[0]["resumed_from"]["step"] is not None
     assert "lost" in restarts[0]["error"]
+
+    taking, killed = Gang.pixel_rows, []
+
+    def pixel_rows(gang):
+        if not killed:
+            killed.append(kill_one_worker())
+        yield from taking(gang)
+
+    monkeypatch.setattr(Gang, "pixel_rows", pixel_rows)
+    late = request.with_(out=tmp_path / "late.png")
+    result = render(late, pipeline=tiny_pipeline, progress=False)
+    assert late.out.read_bytes() == request.out.read_bytes()
+    (restart,) = result.metadata["restarts"]
+    assert restart["resumed_from"] == {"stage": len(STAGES), "step": None} and "lost" in restart["error"]
 
 
 def test_render_id_follows_the_pixels_not_where_or_how_they_are_written(tmp_path):
