@@ -26,9 +26,9 @@ from renderer.models.motion import max_frames
 from renderer.parallel.strips import RowGroup, hand_over, init_process_group
 from renderer.progress import Progress
 from renderer.request import ModelGeometry
-from renderer.stage_loop import CheckpointSink, StageJob, StageRun, run_stages
+from renderer.stage_loop import CheckpointSink, StageJob, StageRun, previous_image, run_stages
 from renderer.stages import encode_prompts, unscaled
-from renderer.strip_vae import decode_strip, decoded_bands
+from renderer.strip_vae import decoded_bands
 from renderer.vae_bands import to_pixels
 
 
@@ -149,9 +149,9 @@ class Worker:
         )
 
     def decode_stage_ends(self, job: StageJob) -> dict[int, np.ndarray]:
-        """Images of stages a resumed render did not run, from their stage-end latents."""
-        return {stage: to_pixels(decode_strip(self.pipeline, RowGroup.single(latents.shape[2]), latents.to(self.device),
-                                              job.transition_modes[stage]))
+        """Images of stages a resumed render did not run, as the run would have saved them (`previous_image`)."""
+        return {stage: to_pixels(previous_image(self.pipeline, job, RowGroup.single(latents.shape[2]), latents.to(self.device),
+                                                stage + 1))
                 for stage, latents in job.stage_ends.items()}
 
     def final_rows(self) -> Iterator[np.ndarray]:

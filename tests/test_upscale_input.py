@@ -209,13 +209,15 @@ def test_a_stopped_render_from_a_picture_resumes_to_the_same_pixels(tiny_pipelin
     from test_resume import StopAt, Stopped
 
     request = RenderRequest(prompt="a red creature", image=scene, scale=2.0, steps=6, strength=0.5, checkpoint_every_steps=1,
-                            out=tmp_path / "a.png")
-    whole = render(request.with_(out=tmp_path / "whole.png"), pipeline=tiny_pipeline, progress=False).image
+                            save_stages=True, out=tmp_path / "a.png")
+    undisturbed = render(request.with_(out=tmp_path / "whole.png"), pipeline=tiny_pipeline, progress=False)
+    whole = undisturbed.image
     with pytest.raises(Stopped):
         render(request, pipeline=tiny_pipeline, progress=StopAt("stage 1", 2))
     resumed = render(request, pipeline=tiny_pipeline, progress=False)
     assert resumed.metadata["resumed_from"] == {"stage": 1, "step": 5}  # restarted at 6 - int(6 * 0.5) = 3, 2 steps done
     assert (resumed.image == whole).all()
+    assert np.array_equal(resumed.stage_images[0], undisturbed.stage_images[0])  # the picture, not its VAE round trip
 
 
 def test_a_batch_line_takes_a_picture(tmp_path, scene):
