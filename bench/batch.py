@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from renderer.outputs import sidecar_path
+from renderer.output.files import sidecar_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 

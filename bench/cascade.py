@@ -26,8 +26,8 @@ def run_variant(args: argparse.Namespace, direct: bool) -> dict:
     from freescale_core import FreeScaleConfig
     from renderer import RenderRequest, render
     from renderer.models import load_pipeline
-    from renderer.request import parse_size
-    from renderer.worker import resolve_dtype
+    from renderer.plan.geometry import parse_size
+    from renderer.cascade.worker import resolve_dtype
 
     stages = tuple(parse_size(s) for s in args.stages.split(","))
     request = RenderRequest(

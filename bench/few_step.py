@@ -6,7 +6,7 @@ subject at 4x, and how much of a render is the second guidance branch?
     python bench/few_step.py --device cuda --seeds 8 --timing-models sdxl-random --timing-size 2048
 
 Quality: for each seed (prompt "a <colour> creature") the toy renders at its training size (1x) and with FreeScale at
-4x, with its own 30-step Euler schedule and with 4 steps of trailing Euler and of LCM (`renderer.schedulers`); it
+4x, with its own 30-step Euler schedule and with 4 steps of trailing Euler and of LCM (`renderer.cascade.schedulers`); it
 counts subjects and eyes (renderer.toy.metrics, as bench/quality.py does). Timing: a 256 -> 512 -> 1024 cascade at
 guidance 7.5 (both branches) and 1 (the conditional branch alone), on tiny and toy (--timing-models, --timing-size),
 the best of --repeats.

@@ -2,7 +2,7 @@
 
 Two ranks share the one GPU over gloo (NCCL refuses two ranks on one device); every tensor they compute
 with is a CUDA tensor, messages are staged through host memory. Ray is not on the GPU image, so the ranks
-are spawned with `cluster.spawn` and run exactly what a Ray worker runs (`renderer.worker.Worker`: the base stage
+are spawned with `cluster.spawn` and run exactly what a Ray worker runs (`renderer.cascade.worker.Worker`: the base stage
 on rank 0, handed to both, then the sharded stages).
 
     python bench/gpu_sharded.py [--parts attention,tiny,sdxl]
@@ -17,15 +17,15 @@ from functools import partial
 import numpy as np
 import torch
 
+from cluster.spawn import run_ranks
 from renderer.parallel import ops
 from renderer.parallel.sharding import sharded_backend, sharding
-from cluster.spawn import run_ranks
 from renderer.parallel.strips import RowGroup, plan_strips
 from freescale_core import FreeScaleConfig, freescale_mode
 from renderer import RenderRequest, render
+from renderer.cascade.stage_loop import Prompt, StageJob
+from renderer.cascade.worker import Worker
 from renderer.models import load_pipeline
-from renderer.stage_loop import Prompt, StageJob
-from renderer.worker import Worker
 
 ROWS: list[tuple[str, str, str]] = []
 DEVICE = "cuda"  # --device cpu dry-runs the script's plumbing here

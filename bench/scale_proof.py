@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from renderer.outputs import sidecar_path
+from renderer.output.files import sidecar_path
 
 GiB = 2**30
 

@@ -31,7 +31,7 @@ from freescale_core.cascade import restart_index, scale_factors
 from freescale_core.freeu import backbone_channels, freeu_rule
 from renderer import RenderRequest, render
 from renderer.models import load_pipeline
-from renderer.request import parse_size
+from renderer.plan.geometry import parse_size
 
 
 @functools.cache

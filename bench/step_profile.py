@@ -5,7 +5,7 @@
     python bench/step_profile.py --model sdxl-random --device cuda --sizes 2048,4096 --profile --components
 
 For each size (a 4x and an 8x stage of the tiny model's 256 px training size), one CFG UNet call
-(`renderer.stages.predict_noise`) is timed plain (no FreeScale, no FreeU) and under `freescale_mode` at a
+(`renderer.cascade.stages.predict_noise`) is timed plain (no FreeScale, no FreeU) and under `freescale_mode` at a
 dilated step (i < dilate_tau) and a plain-conv step (i = dilate_tau), all in one process, interleaved
 round by round: warm-up, then `--repeats` rounds; the ratio to plain is the median of the rounds'
 ratios. `--ablations` adds one row per component switched on alone (FreeU, dilation, scale fusion).
@@ -45,7 +45,11 @@ from freescale_core.freeu import fourier_filter
 from freescale_core.mode import Backend, self_attentions, train_px
 from freescale_core.windows import plan_windows, window_shape
 from renderer.models import load_pipeline
-from renderer.stages import encode_prompts, fresh_scheduler, predict_noise
+
+try:
+    from renderer.cascade.stages import encode_prompts, fresh_scheduler, predict_noise
+except ModuleNotFoundError:  # a revision from before renderer/ had sub-packages, timed by bench/step_compare.py
+    from renderer.cascade.stages import encode_prompts, fresh_scheduler, predict_noise
 
 STEPS = 50
 

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from renderer.tiff import TiffOptions, write_pyramid  # noqa: E402
+from renderer.output.tiff import TiffOptions, write_pyramid  # noqa: E402
 
 
 def synthetic_bands(size: int, band: int):

@@ -85,8 +85,8 @@ def round_trip_sheet(pipeline, seeds: list[int], steps: int, out_dir: Path) -> N
     decode(encode(upsampled)); FreeScale at 512² with restart 0.9. No UNet step runs between encode and decode."""
     import torch
 
-    from renderer.stages import encode, unscaled, upsample
-    from renderer.vae_bands import to_pixels
+    from renderer.cascade.stages import encode, unscaled, upsample
+    from renderer.vae.bands import to_pixels
 
     tiles = []
     for seed in seeds:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.quality import labelled_row  # noqa: E402
 from renderer import RenderRequest, render  # noqa: E402
 from renderer.models import load_pipeline, model_geometry, recommended_restart_fraction  # noqa: E402
-from renderer.request import plan_stages  # noqa: E402
+from renderer.plan.geometry import plan_stages  # noqa: E402
 from renderer.toy.metrics import count_subjects  # noqa: E402
 from renderer.toy.scenes import draw_scenes  # noqa: E402
 

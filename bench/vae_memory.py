@@ -1,5 +1,5 @@
 """The exact VAE's memory per rank: a stage transition's decode and encode of each rank's strip, measured against
-the preflight's VAE term (`renderer.preflight.vae_bytes`).
+the preflight's VAE term (`renderer.plan.preflight.vae_bytes`).
 
     python bench/vae_memory.py --size 4096 --ranks 2              # tiny, CPU: peak RSS growth per rank
     python bench/vae_memory.py --model sdxl-random --device cuda --size 8192 --ranks 1 --share 0.125
@@ -30,7 +30,7 @@ def measure(rank: int, world: int, model: str, device: str, size: int, share: fl
     from renderer.memory import peak_memory, process_memory
     from renderer.models import load_pipeline
     from renderer.parallel.strips import RowGroup, StripLayout, plan_strips
-    from renderer.strip_vae import banded
+    from renderer.vae.strip import banded
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     vae = load_pipeline(model, device, dtype).vae
@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from cluster.spawn import run_ranks
-    from renderer.preflight import model_shape, vae_bytes
+    from renderer.plan.preflight import model_shape, vae_bytes
 
     shape = model_shape(args.model)
     itemsize = 2 if args.device.startswith("cuda") else 4

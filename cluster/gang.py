@@ -1,4 +1,4 @@
-"""A gang: Ray actors in one placement group, each a `renderer.worker.Worker` of one rank.
+"""A gang: Ray actors in one placement group, each a `renderer.cascade.worker.Worker` of one rank.
 
 Each actor loads the model once, and they form a torch.distributed group over an explicit TCP rendezvous at
 rank 0's address: NCCL with one GPU per worker, gloo on CPU workers or when workers share a GPU. Rank 0 also
@@ -21,12 +21,12 @@ import torch
 
 from cluster.placement import bundle_for, connect
 from cluster.queue import wait_for_gang
+from renderer.cascade.stage_loop import CheckpointSink, StageJob
+from renderer.cascade.worker import ModelInfo, RankResult, Worker
 from renderer.errors import RenderError, WorkerLost
-from renderer.executor import Executor, Outcome
-from renderer.metrics import NULL_METRICS, RenderMetrics
+from renderer.executor.base import Executor, Outcome
+from renderer.metrics.recorder import NULL_METRICS, RenderMetrics
 from renderer.progress import Progress
-from renderer.stage_loop import CheckpointSink, StageJob
-from renderer.worker import ModelInfo, RankResult, Worker
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class GangWorker:
         With `checkpoints`, checkpoint rows go to the driver through `queue`; the rank with `report_progress` also
         reports its stages and steps there. With `record_metrics`, this worker records its steps, bytes received
         and memory under its rank through `ray.util.metrics`."""
-        from renderer.stage_loop import received_since
+        from renderer.cascade.stage_loop import received_since
         from renderer.parallel.strips import received_bytes
 
         def hand_over(stage, step, span, latents, reference) -> None:

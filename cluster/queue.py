@@ -15,7 +15,7 @@ import logging
 import time
 
 from renderer.errors import RenderError
-from renderer.metrics import RenderMetrics
+from renderer.metrics.recorder import RenderMetrics
 
 log = logging.getLogger("freescale_poster")
 

@@ -1,12 +1,12 @@
-"""`RayExecutor`: a render's ranks as a Ray gang, what `renderer.executor.Executor.get_class` picks for --workers N."""
+"""`RayExecutor`: a render's ranks as a Ray gang, what `renderer.executor.pool.executor_class` picks for --workers N."""
 
 from __future__ import annotations
 
 from cluster.gang import Gang, GangSpec
 from cluster.placement import connect, workers_that_fit
-from renderer.metrics import NULL_METRICS, RenderMetrics
-from renderer.preflight import worker_need
-from renderer.request import RenderRequest
+from renderer.metrics.recorder import NULL_METRICS, RenderMetrics
+from renderer.plan.preflight import worker_need
+from renderer.plan.request import RenderRequest
 
 
 class RayExecutor(Gang):

@@ -10,7 +10,7 @@ from importlib import import_module
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 _EXPORTS = {
-    "RenderError": "renderer.errors", "RenderRequest": "renderer.request",
+    "RenderError": "renderer.errors", "RenderRequest": "renderer.plan.request",
     "RenderResult": "renderer.engine", "render": "renderer.engine",
 }
 __all__ = list(_EXPORTS)

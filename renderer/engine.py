@@ -1,9 +1,9 @@
 """`render(request) -> RenderResult`, a pipeline: plan → executor → stages → outputs.
 
-The driver (this process) plans from the model's configs, starts an executor (`renderer.executor`: one rank
+The driver (this process) plans from the model's configs, starts an executor (`renderer.executor.pool`: one rank
 here, or a Ray gang), hands its ranks one job with every stage, writes the checkpoints they hand back, and
 streams the final rows into the TIFF; a rank lost before its rows are all taken is replaced, and the render
-goes on from its newest checkpoint (`renderer.recovery`). With a gang it loads no model at all.
+goes on from its newest checkpoint (`renderer.resume.recovery`). With a gang it loads no model at all.
 """
 
 from __future__ import annotations
@@ -19,25 +19,27 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from renderer.checkpoints import CheckpointStore, CheckpointWriter
-from renderer.clip_files import write_clip
+from renderer.cascade.stage_loop import Prompt, StageJob
 from renderer.errors import RenderError
-from renderer.executor import Executor, Executors, Outcome
-from renderer.identity import render_id
-from renderer.images import load_mask
-from renderer.input_image import input_plan, input_record, load_input
+from renderer.executor.base import Executor, Outcome
+from renderer.executor.pool import Executors, executor_class
 from renderer.jobs import submission_id
-from renderer.metrics import NULL_METRICS, RenderMetrics, metrics_for
+from renderer.metrics.recorder import NULL_METRICS, RenderMetrics, metrics_for
 from renderer.models import model_geometry, peek_geometry
 from renderer.models.lora import lora_identity
-from renderer.outputs import sidecar_path
-from renderer.preflight import preflight
+from renderer.output.clip_files import write_clip
+from renderer.output.files import sidecar_path
+from renderer.output.writing import library_versions, tee_into, write_outputs
+from renderer.plan.geometry import Size, format_size
+from renderer.plan.identity import input_record, render_id
+from renderer.plan.input_image import input_plan, load_input
+from renderer.plan.input_mask import load_mask
+from renderer.plan.preflight import preflight
+from renderer.plan.render_plan import StagePlan, check_device, decode_modes, denoising_plan, plan_stages
+from renderer.plan.request import RenderRequest, guided
 from renderer.progress import Progress
-from renderer.recovery import resume_job, run_recovering
-from renderer.render_plan import StagePlan, check_device, decode_modes, denoising_plan, plan_stages
-from renderer.request import RenderRequest, Size, format_size, guided
-from renderer.stage_loop import Prompt, StageJob
-from renderer.writing import library_versions, tee_into, write_outputs
+from renderer.resume.checkpoints import CheckpointStore, CheckpointWriter
+from renderer.resume.recovery import resume_job, run_recovering
 
 log = logging.getLogger("freescale_poster")
 
@@ -58,9 +60,9 @@ def render(request: RenderRequest, pipeline=None, progress: bool | Progress = Tr
     win); a gang's workers (--workers N) load the model themselves.
 
     With `write`, checkpoints are kept while rendering and the same request resumes from the newest valid
-    one (see `renderer.checkpoints`); they are removed once the output is complete.
+    one (see `renderer.resume.checkpoints`); they are removed once the output is complete.
 
-    `metrics` (see `renderer.metrics`): False records nothing; True records what the CLI records, through Ray
+    `metrics` (see `renderer.metrics.recorder`): False records nothing; True records what the CLI records, through Ray
     with --workers (driver and workers), else served on --metrics-port if given, and closes them at the end
     (after --metrics-linger, unless stopped); a `RenderMetrics` records there (the caller serves and closes it).
     The render counts as succeeded, failed (an exception) or stopped (a KeyboardInterrupt such as RenderStopped).
@@ -79,7 +81,7 @@ def opened_metrics(request: RenderRequest, metrics: bool | RenderMetrics) -> Ite
         yield metrics if isinstance(metrics, RenderMetrics) else NULL_METRICS
         return
     if request.workers:
-        Executor.get_class(request).connect(request)  # first, so that what the driver records reaches Ray's agent
+        executor_class(request).connect(request)  # first, so that what the driver records reaches Ray's agent
         opened = metrics_for(on_ray=True)
     else:
         try:

@@ -18,15 +18,15 @@ from torch import nn
 
 from renderer.parallel import ops
 from renderer.parallel.banded_vae import BandedVAE
-from renderer.strip_vae import decode_strip
 from renderer.parallel.sharding import ShardedScaleFusion, sharded_backend, sharding
 from renderer.parallel.strips import RowGroup, StripLayout, plan_strips
+from renderer.vae.strip import decode_strip
 from freescale_core import FreeScaleConfig, freescale_mode
 from freescale_core.attention import ScaleFusionProcessor, StageGeometry
 from freescale_core.blur import gaussian_blur
 from freescale_core.windows import plan_windows, window_shape
 from freescale_core.freeu import fourier_filter
-from renderer.vae_bands import decode_tiled
+from renderer.vae.bands import decode_tiled
 
 Errors = dict[str, float]
 
@@ -216,8 +216,8 @@ def check_vae(rows: RowGroup, pipeline) -> Errors:
 def check_tiled_encode(rows: RowGroup, vae) -> float:
     """diffusers' tiled encode with 64 px tiles (48 px stride, 6 latent rows kept per tile row) of an image
     whose tile rows straddle the strips: this rank's rows against the whole image's."""
-    from renderer.strip_vae import encode_strip_tiled
-    from renderer.vae_bands import encode_tiled
+    from renderer.vae.strip import encode_strip_tiled
+    from renderer.vae.bands import encode_tiled
 
     image = (structured((1, 3, rows.layout.height * 8, 136), rows.layout) * 0.3).float()
     saved = vae.tile_sample_min_size, vae.tile_latent_min_size
@@ -269,8 +269,8 @@ def run_all(rank: int, world: int) -> Errors:
 def split_stage_job(pipeline):
     """A 256 -> 512 stage of the tiny model with a region mask and a checkpoint after every step: the job both
     the guidance-split gang and the single process run."""
-    from renderer.stage_loop import StageJob
-    from renderer.stages import encode_prompts
+    from renderer.cascade.stage_loop import StageJob
+    from renderer.cascade.stages import encode_prompts
 
     cond = encode_prompts(pipeline, "a red kite", "blurry", (256, 256), guidance=7.5)
     layout = StripLayout((0, 8, 16, 24, 32))
@@ -285,7 +285,7 @@ def split_stage_job(pipeline):
 def run_split_stage(rank: int, world: int) -> dict:
     """This rank's part of `split_stage_job` with the guidance split: its rows, final latents, the checkpoint
     rows it handed over and the bytes it received per step by kind."""
-    from renderer.stage_loop import run_stages
+    from renderer.cascade.stage_loop import run_stages
     from renderer.models import load_pipeline
 
     pipeline = load_pipeline("tiny")

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("freescale_core", "renderer", "cluster")
 # The one place renderer/ may name cluster/: where the executor for --workers N is chosen.
-RENDERER_TO_CLUSTER = {("renderer/executor.py", "cluster.ray_executor")}
+RENDERER_TO_CLUSTER = {("renderer/executor/pool.py", "cluster.ray_executor")}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -53,7 +53,7 @@ def test_the_renderer_names_the_cluster_only_where_it_picks_the_ray_executor():
 
 def test_the_cluster_uses_the_renderer():
     """The other direction is the one allowed, and used: the gang's workers are the renderer's `Worker`."""
-    assert ("cluster/gang.py", "renderer.worker") in package_imports()[("cluster", "renderer")]
+    assert ("cluster/gang.py", "renderer.cascade.worker") in package_imports()[("cluster", "renderer")]
 
 
 def test_the_import_check_sees_a_forbidden_import(tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from renderer.models.builtin import SDXL, TINY, build_random_pipeline
 from renderer.parallel.banded_vae import BAND_BYTES, Activation, BandedVAE, band_rows
 from renderer.parallel.strips import RowGroup
-from renderer.vae_bands import group_moments, merged_moments
+from renderer.vae.bands import group_moments, merged_moments
 from test_vae_bands import latent_with_band_statistics
 
 

@@ -12,10 +12,10 @@ import pytest
 
 from polling import wait_until
 from ray_head import VENV_BIN
-from renderer.batch import read_batch
 from renderer.cli import main
+from renderer.cli.batch import read_batch
 from renderer.errors import RenderError
-from renderer.outputs import sidecar_path
+from renderer.output.files import sidecar_path
 
 FREESCALE = str(VENV_BIN / "freescale-render")
 COMMON = ["--steps", "4", "--checkpoint-every-steps", "1"]

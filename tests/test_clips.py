@@ -18,13 +18,13 @@ from diffusers import MotionAdapter
 from PIL import Image
 
 from renderer import RenderRequest, render
+from renderer.cascade.stages import Conditioning, fresh_scheduler, predict_noise
 from renderer.cli import main
+from renderer.cli.inspect import describe
 from renderer.errors import RenderError
-from renderer.inspect import describe
-from renderer.clip_files import frames_path, mp4_size, preview_path
 from renderer.models import load_pipeline
-from renderer.outputs import sidecar_path
-from renderer.stages import Conditioning, fresh_scheduler, predict_noise
+from renderer.output.clip_files import frames_path, mp4_size, preview_path
+from renderer.output.files import sidecar_path
 from test_resume import StopAt, Stopped, checkpoints, run_cli, wait_for
 
 CLIP = dict(prompt="a red kite", seed=5, stages=((256, 256), (512, 512)), steps=3, model="tiny-video", frames=2, fps=12.0)
@@ -145,10 +145,10 @@ def test_frames_too_large_for_h264_are_downscaled_for_the_mp4_only():
 
 def test_a_clip_too_large_for_memory_says_how_many_frames_would_fit(monkeypatch, tmp_path):
     """Every frame adds its activations: the preflight counts them and names a frame count that fits."""
-    import renderer.preflight
+    import renderer.plan.preflight
 
-    monkeypatch.setattr(renderer.preflight, "available_memory", lambda device: 2**30)
-    monkeypatch.setattr(renderer.preflight, "process_memory", lambda: 0)
+    monkeypatch.setattr(renderer.plan.preflight, "available_memory", lambda device: 2**30)
+    monkeypatch.setattr(renderer.plan.preflight, "process_memory", lambda: 0)
     with pytest.raises(RenderError, match=r"needs about [\d.]+ GiB on cpu, which has 1.0 GiB; try --frames \d+ or fewer \(each frame"):
         render(RenderRequest(**{**CLIP, "frames": 32, "stages": ((256, 256), (1024, 1024))}, out=tmp_path / "c.mp4"))
     assert not list(tmp_path.iterdir())

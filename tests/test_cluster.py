@@ -12,10 +12,10 @@ from PIL import Image
 from cluster.gang import Gang, GangSpec
 from renderer import RenderRequest, render
 from freescale_core import FreeScaleConfig
-from renderer.cli import build_parser, request_from_args
 from renderer.cli import main as cli_main
+from renderer.cli.options import build_parser, request_from_args
 from renderer.errors import RenderError
-from renderer.outputs import sidecar_path
+from renderer.output.files import sidecar_path
 from polling import wait_until
 
 
@@ -154,8 +154,8 @@ def test_workers_without_the_memory_of_the_plan_are_refused_before_any_stage(ray
 def test_auto_vae_mode_sizes_a_sharded_decode_by_the_strip_and_the_workers_memory(tiny_pipeline, tmp_path):
     """16384² with the tiny VAE (16 channels, fp32): one activation is 17 GB. Whole, three of them do not fit in
     80 % of 32 GiB; an eighth of the rows does."""
-    from renderer.render_plan import choose_vae_mode
-    from renderer.worker import model_info
+    from renderer.plan.render_plan import choose_vae_mode
+    from renderer.cascade.worker import model_info
 
     request = RenderRequest(prompt="p", size=(16384, 16384), out=tmp_path / "x.tif")
     assert choose_vae_mode(request, model_info(tiny_pipeline), (16384, 16384), available=32 * 2**30) == "tiled"

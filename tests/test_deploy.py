@@ -352,7 +352,7 @@ def test_render_farm_autoscales_and_can_host_a_full_render():
 
 
 def test_rayjob_renders_one_poster_on_an_ephemeral_cluster(tmp_path):
-    from renderer.cli import build_parser, request_from_args
+    from renderer.cli.options import build_parser, request_from_args
 
     (job,) = [doc for doc in objects("rayjob") if doc["kind"] == "RayJob"]
     spec = job["spec"]

@@ -201,12 +201,12 @@ def test_non_fast_mode_on_sizes_not_multiple_of_training_size(tiny_pipeline, tmp
 
 def test_bad_size_is_refused_before_any_weights_load(monkeypatch, tmp_path):
     import renderer.engine
-    import renderer.worker
+    import renderer.cascade.worker
 
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded before the size check")
 
-    monkeypatch.setattr(renderer.worker, "load_pipeline", no_loading)  # where every rank loads its model
+    monkeypatch.setattr(renderer.cascade.worker, "load_pipeline", no_loading)  # where every rank loads its model
     for model in ("sdxl-random", "toy"):
         request = RenderRequest(prompt="p", size=(1000, 1000), model=model, out=tmp_path / "x.tif")
         with pytest.raises(RenderError, match="1000x1000"):

@@ -183,7 +183,7 @@ def test_the_batch_rayjob_renders_its_configmap_batch_file_on_the_head(tmp_path)
     assert volume["configMap"]["name"] == config["metadata"]["name"] and mount["readOnly"] is True
     # Every line is a poster the renderer accepts, checked as `freescale-render batch` checks it (the model and
     # output folders stand in here: sdxl-random has SDXL's shapes, tmp_path is the outputs volume).
-    from renderer.batch import read_batch
+    from renderer.cli.batch import read_batch
 
     text = config["data"]["night.jsonl"].replace("/outputs/", f"{tmp_path}/")
     (tmp_path / "night.jsonl").write_text(text)

@@ -17,9 +17,9 @@ from cluster.spawn import run_ranks
 from freescale_core import FreeScaleConfig
 from freescale_core.rng import normal
 from renderer import RenderRequest, render
+from renderer.cascade.stage_loop import run_stages
+from renderer.cascade.stages import encode_prompts
 from renderer.models import peek_geometry
-from renderer.stage_loop import run_stages
-from renderer.stages import encode_prompts
 
 PROMPT = "a red kite"
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import sharded_checks
-from renderer.stage_loop import run_stages
 from cluster.spawn import run_ranks
+from renderer.cascade.stage_loop import run_stages
 
 WORLD = 4
 

@@ -35,7 +35,7 @@ from PIL import Image
 
 from ray_head import RAY, VENV_BIN, RayHead
 from renderer.cli import main
-from renderer.outputs import sidecar_path
+from renderer.output.files import sidecar_path
 
 NET = "10.210.0"
 HOSTS = {"head": 1, "w1": 2, "w2": 3, "w3": 4}  # host -> last byte of its address

@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from renderer.stage_loop import detail_scale
+from renderer.cascade.stage_loop import detail_scale
 from renderer.parallel.strips import RowGroup
 from freescale_core import FreeScaleConfig
 from freescale_core.cascade import skip_residual_weight
 from freescale_core.rng import normal
 from renderer import RenderRequest, render
-from renderer.images import load_mask
+from renderer.plan.input_mask import load_mask
 
 STAGES = ((256, 256), (512, 512))
 
@@ -94,7 +94,7 @@ def test_half_mask_mixes_the_two_scales_by_region(tiny_pipeline, tmp_path):
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
 def test_colour_masks_are_binarised_through_gray(tiny_pipeline, tmp_path, mode):
-    from renderer.images import load_mask
+    from renderer.plan.input_mask import load_mask
 
     pixels = np.zeros((64, 64, len(mode)), np.uint8)
     pixels[:32, :, 0] = 1

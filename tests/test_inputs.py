@@ -16,9 +16,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from renderer.batch import read_batch
 from renderer.cli import main
-from renderer.tiff import TiffOptions, write_pyramid
+from renderer.cli.batch import read_batch
+from renderer.output.tiff import TiffOptions, write_pyramid
 
 SMALL = ["--stages", "256x256,512x512", "--steps", "2", "--quiet"]
 

@@ -34,8 +34,8 @@ from renderer.jobs import submission_id
 from polling import wait_until
 from ray_head import RAY, VENV_BIN, ray_head  # noqa: F401  (ray_head: the module's Ray head fixture)
 from renderer import render
-from renderer.cli import build_parser, request_from_args
-from renderer.outputs import sidecar_path
+from renderer.cli.options import build_parser, request_from_args
+from renderer.output.files import sidecar_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = ROOT / "deploy" / "runtime_env.yaml"
@@ -134,14 +134,14 @@ def test_runtime_env_keeps_the_uploaded_working_dir_small(tmp_path):
 
     size, names = zipped_names(ROOT, spec["excludes"], tmp_path / "checkout.zip")
     assert size < 10 * 1024**2, f"working_dir zip is {size / 1024**2:.1f} MiB"
-    assert {"renderer/cli.py", "cluster/gang.py", "pyproject.toml"} <= set(names)
+    assert {"renderer/cli/__init__.py", "cluster/gang.py", "pyproject.toml"} <= set(names)
     for name in names:
         assert not {".git", ".venv", "__pycache__", ".pytest_cache"} & set(name.split("/")), name
         assert not name.endswith((".safetensors", ".pyc")), name
 
     # What a user may have lying in a checkout (no .gitignore here: the excludes alone must keep it out).
     tree = tmp_path / "checkout"
-    kept = ["renderer/cli.py", "cluster/jobs.py", "deploy/runtime_env.yaml", "docs/benchmarks.md", "README.md"]
+    kept = ["renderer/cli/__init__.py", "cluster/jobs.py", "deploy/runtime_env.yaml", "docs/benchmarks.md", "README.md"]
     dropped = [".git/objects/pack/pack-1.pack", ".venv/lib/python3.11/site-packages/torch/lib.so", "renderer/__pycache__/cli.cpython-311.pyc",
                ".pytest_cache/v/cache", ".hypothesis/examples/x", "freescale_poster.egg-info/PKG-INFO", "out/demo.tif",
                "bench/results/run.json", "poster.tif", "kite.ome.tif", ".poster.tif.k2j3.partial", ".pyramid-x1/level1.raw",
@@ -185,7 +185,7 @@ def test_the_render_log_writes_to_the_stderr_of_the_moment(monkeypatch):
     import io
     import logging
 
-    from renderer.console import show_render_log
+    from renderer.cli.console import show_render_log
 
     first, second = io.StringIO(), io.StringIO()
     monkeypatch.setattr("sys.stderr", first)

@@ -23,11 +23,11 @@ from safetensors.torch import load_file, save_file
 from cluster.spawn import run_ranks
 from renderer import RenderRequest, render
 from renderer.cli import main
-from renderer.executor import executor_key
-from renderer.identity import render_id
+from renderer.executor.pool import executor_key
 from renderer.models import load_pipeline
 from renderer.models.lora import lora_digest
-from renderer.tiff import XMP_TAG
+from renderer.output.tiff import XMP_TAG
+from renderer.plan.identity import render_id
 
 STAGES = ((256, 256), (512, 512))
 
@@ -113,8 +113,8 @@ def test_a_kohya_layout_file_fuses_to_the_same_weights(loras):
 
 
 def rank_lora_render(rank: int, world: int, loras: tuple) -> np.ndarray:
-    from renderer.stage_loop import Prompt, StageJob
-    from renderer.worker import Worker
+    from renderer.cascade.stage_loop import Prompt, StageJob
+    from renderer.cascade.worker import Worker
     from freescale_core import FreeScaleConfig
 
     worker = Worker("tiny", loras=loras)
@@ -154,7 +154,7 @@ def test_the_pool_shares_a_gang_only_for_the_same_model_and_loras(loras):
 
 
 def test_a_batch_line_takes_a_list_of_loras(loras, tmp_path):
-    from renderer.batch import read_batch
+    from renderer.cli.batch import read_batch
 
     line = {"prompt": "a", "size": "256x256", "out": str(tmp_path / "a.tif"), "lora": [f"{loras['style']}:0.8", loras["detail"]],
             "scheduler": "DPMSolverMultistepScheduler", "scheduler-option": ["use_karras_sigmas=true", "solver_order=2"]}

@@ -1,4 +1,4 @@
-"""renderer.metrics: the spec table follows Prometheus' naming rules, every method reaches its metric on the
+"""renderer.metrics.recorder: the spec table follows Prometheus' naming rules, every method reaches its metric on the
 prometheus_client backend (exposition checked by promtool and parsed back), the Ray backend's bookkeeping
 (with a stand-in for ray.util.metrics), and a real Prometheus server scraping the HTTP endpoint."""
 
@@ -15,9 +15,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prometheus_server import prometheus_server, require_binary
-import renderer.metric_backends
-from renderer import metrics as m
-from renderer.metrics import SPECS, RenderMetrics, metrics_for
+import renderer.metrics.backends
+from renderer.metrics import recorder as m
+from renderer.metrics.recorder import SPECS, RenderMetrics, metrics_for
 
 BOUNDED_LABELS = {"stage", "rank", "outcome", "kind", "reason"}
 UNIT_SUFFIXES = ("_seconds", "_bytes", "_ratio")
@@ -240,7 +240,7 @@ def fake_ray(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray.util.metrics", fake)
     monkeypatch.setattr(ray.util, "metrics", fake, raising=False)
     monkeypatch.setattr(m, "_ray_backend", None)
-    monkeypatch.setattr(renderer.metric_backends, "RAY_GAUGE_REFRESH_S", 0.05)  # read where the Ray backend refreshes
+    monkeypatch.setattr(renderer.metrics.backends, "RAY_GAUGE_REFRESH_S", 0.05)  # read where the Ray backend refreshes
     yield
     if m._ray_backend is not None:
         m._ray_backend.close()

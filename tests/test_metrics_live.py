@@ -24,11 +24,11 @@ from polling import wait_until
 from prometheus_server import free_port, prometheus_server
 from ray_head import ray_head  # noqa: F401  (the module's Ray head fixture, started only by the Ray test)
 from renderer import RenderRequest, render
-from renderer.cli import build_parser, request_from_args
+from renderer.cli.options import build_parser, request_from_args
 from renderer.errors import RenderError
-from renderer.metrics import RenderMetrics
+from renderer.metrics.recorder import RenderMetrics
 from renderer.progress import Progress
-from renderer.stopping import RenderStopped
+from renderer.resume.stopping import RenderStopped
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--prompt", "a red kite", "--seed", "3", "--stages", "256x256,512x512", "--steps", "4", "--tile-size", "256"]
@@ -91,7 +91,7 @@ def test_prometheus_scrapes_a_single_process_render_on_its_metrics_port(tiny_pip
 
 DRIVER = """
 import sys
-from renderer.cli import build_parser, request_from_args
+from renderer.cli.options import build_parser, request_from_args
 from renderer.engine import render
 
 render(request_from_args(build_parser().parse_args(sys.argv[1:])), progress=False, metrics=True)

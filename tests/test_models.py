@@ -193,7 +193,7 @@ def test_shipped_toy_weights_fit_the_budget_and_match_the_toy_spec():
 def test_the_cli_restarts_each_model_where_it_renders_best_unless_told():
     """--model toy restarts the upscaling stages at 0.8 (docs/benchmarks.md), other models at the paper's 0.3;
     an explicit --restart-fraction wins for every model. The value is the request's (and so its render id's)."""
-    from renderer.cli import build_parser, request_from_args
+    from renderer.cli.options import build_parser, request_from_args
 
     def restart(*options: str) -> float:
         return request_from_args(build_parser().parse_args(["--prompt", "p", "--size", "512x512", *options])).freescale.restart_fraction

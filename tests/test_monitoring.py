@@ -1,7 +1,7 @@
 """deploy/monitoring: PodMonitor and PrometheusRule against the Prometheus Operator CRD schemas (unknown
 fields rejected), the rules through `promtool check rules` and `promtool test rules` (every alert fires
 when it should and stays silent otherwise), the Grafana dashboard's structure and queries (each parses
-and names only metrics that renderer.metrics exports), and the ConfigMap that carries the dashboard."""
+and names only metrics that renderer.metrics.recorder exports), and the ConfigMap that carries the dashboard."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from prometheus_server import require_binary
-from renderer.metrics import RAY_PREFIX
+from renderer.metrics.recorder import RAY_PREFIX
 from test_metrics import exposition_after_exercise, sample_names
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def dashboard() -> dict:
 
 
 def exported(prefix: str = "") -> set[str]:
-    """Sample names from a live exposition of renderer.metrics, with Ray's prefix or none."""
+    """Sample names from a live exposition of renderer.metrics.recorder, with Ray's prefix or none."""
     return {prefix + name for name in sample_names(exposition_after_exercise())}
 
 

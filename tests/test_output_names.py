@@ -12,11 +12,11 @@ import pytest
 import tifffile
 from PIL import Image
 
-from renderer.batch import read_batch
 from renderer.cli import main
-from renderer.clip_files import frames_path
+from renderer.cli.batch import read_batch
 from renderer.errors import RenderError
-from renderer.outputs import preview_path, sidecar_path, stage_path
+from renderer.output.clip_files import frames_path
+from renderer.output.files import preview_path, sidecar_path, stage_path
 
 TINY = ["--stages", "256x256", "--steps", "2", "--quiet"]
 

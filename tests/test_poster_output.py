@@ -9,7 +9,7 @@ import tifffile
 
 from renderer import RenderRequest, render
 from renderer.cli import main as cli_main
-from renderer.tiff import read_xmp_prompt
+from renderer.output.tiff import read_xmp_prompt
 
 
 def test_tiff_poster_reads_back_pixel_equal_with_parameters(tmp_path, tiny_pipeline, capsys):

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import renderer.worker
-import renderer.preflight
+import renderer.cascade.worker
+import renderer.plan.preflight
 from renderer import RenderRequest, render
 from renderer.cli import main
 from renderer.errors import RenderError
-from renderer.preflight import model_shape, preflight, unet_activation_bytes, vae_store_bytes
+from renderer.plan.preflight import model_shape, preflight, unet_activation_bytes, vae_store_bytes
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(renderer.worker, "load_pipeline", refuse)  # where every rank loads its model
+    monkeypatch.setattr(renderer.cascade.worker, "load_pipeline", refuse)  # where every rank loads its model
 
 
 def one_line_error(capsys, argv) -> str:
@@ -56,8 +56,8 @@ def test_unreadable_image_and_directory_output_are_one_line_errors(no_weights, c
 
 
 def test_a_plan_too_large_for_memory_says_what_would_fit(no_weights, monkeypatch, tmp_path):
-    monkeypatch.setattr(renderer.preflight, "available_memory", lambda device: 2**30)
-    monkeypatch.setattr(renderer.preflight, "process_memory", lambda: 0)
+    monkeypatch.setattr(renderer.plan.preflight, "available_memory", lambda device: 2**30)
+    monkeypatch.setattr(renderer.plan.preflight, "process_memory", lambda: 0)
     with pytest.raises(RenderError, match=r"--size 4096x4096 needs about [\d.]+ GiB on cpu, which has 1.0 GiB; try --vae-mode tiled, --fast-mode, --workers \d+"):
         render(RenderRequest(prompt="p", size=(4096, 4096), out=tmp_path / "p.tif"))
 

@@ -23,8 +23,8 @@ from polling import wait_until
 from ray_head import RAY, VENV_BIN, running_head
 from test_jobs import job_logs, job_status, ray_job_id  # the Jobs REST API, read as test_jobs reads it
 from renderer import render
-from renderer.cli import build_parser, request_from_args
-from renderer.outputs import sidecar_path
+from renderer.cli.options import build_parser, request_from_args
+from renderer.output.files import sidecar_path
 
 FREESCALE_ARGS = ["--stages", "256x256,512x512", "--workers", "2", "--quiet"]
 

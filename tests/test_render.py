@@ -12,7 +12,7 @@ from PIL import Image
 
 from freescale_core import FreeScaleConfig
 from renderer import RenderRequest, RenderResult, render
-from renderer.outputs import sidecar_path
+from renderer.output.files import sidecar_path
 
 PROMPT = "a red lighthouse on a cliff"
 

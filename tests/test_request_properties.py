@@ -14,7 +14,7 @@ from PIL import Image
 
 from renderer.cli import main
 from renderer.errors import RenderError
-from renderer.request import parse_size
+from renderer.plan.geometry import parse_size
 
 SIZES = st.one_of(
     st.tuples(st.integers(-64, 4096), st.integers(-64, 4096)).map(lambda wh: f"{wh[0]}x{wh[1]}"),

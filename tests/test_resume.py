@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from renderer import RenderRequest, render
-from renderer.checkpoints import CheckpointStore
-from renderer.outputs import sidecar_path
+from renderer.output.files import sidecar_path
 from renderer.progress import Progress
+from renderer.resume.checkpoints import CheckpointStore
 
 STAGES = ((256, 256), (512, 512), (1024, 1024))
 COMMAND = ["--prompt", "a red kite", "--seed", "7", "--stages", "256x256,512x512,1024x1024", "--steps", "5",
@@ -135,7 +135,7 @@ def test_changed_request_starts_afresh_and_no_resume_ignores_checkpoints(tiny_pi
 
 def test_checkpoint_store_rejects_another_renders_file(tmp_path):
     mine, other = CheckpointStore(tmp_path, "a" * 24, 5), CheckpointStore(tmp_path, "b" * 24, 5)
-    from renderer.checkpoints import Checkpoint
+    from renderer.resume.checkpoints import Checkpoint
 
     other.write(Checkpoint(1, 5, torch.arange(8.0).reshape(1, 1, 2, 4)))
     mine.folder.mkdir(parents=True)
@@ -189,7 +189,7 @@ def test_a_killed_worker_is_replaced_and_the_render_is_byte_identical(ray_sessio
 
 def test_render_id_follows_the_pixels_not_where_or_how_they_are_written(tmp_path):
     from freescale_core import FreeScaleConfig
-    from renderer.identity import render_id
+    from renderer.plan.identity import render_id
 
     request = RenderRequest(prompt="a kite", seed=3, stages=STAGES[:2], steps=5, out=tmp_path / "a.png")
     same = render_id(request, list(STAGES[:2]), "float32", "cpu")

@@ -1,4 +1,4 @@
-"""`--scheduler NAME` and `--scheduler-option key=value` (`renderer.schedulers`): every supported scheduler renders a
+"""`--scheduler NAME` and `--scheduler-option key=value` (`renderer.cascade.schedulers`): every supported scheduler renders a
 256 -> 512 tiny cascade in one process and on a 2-rank gang (rank 0 alone for the base, both for the stage, the
 guidance split on) with the same pixels to one level; the restart's re-noising is diffusers' own `add_noise` at the
 restart index; stochastic schedulers draw the render's seeded noise, not torch's global generator."""
@@ -13,11 +13,11 @@ import torch
 
 from cluster.spawn import run_ranks
 from freescale_core import FreeScaleConfig
+from renderer.cascade.schedulers import SUPPORTED, SchedulerChoice, build, noised, parse_options
+from renderer.cascade.stage_loop import Prompt, StageJob
+from renderer.cascade.worker import Worker
 from renderer.cli import main
 from renderer.models.builtin import sdxl_scheduler
-from renderer.schedulers import SUPPORTED, SchedulerChoice, build, noised, parse_options
-from renderer.stage_loop import Prompt, StageJob
-from renderer.worker import Worker
 
 CHOICES = [SchedulerChoice(name) for name in SUPPORTED] + [
     SchedulerChoice("DPMSolverMultistepScheduler", (("use_karras_sigmas", True),)),
@@ -117,7 +117,7 @@ def test_bad_scheduler_choices_are_one_line_errors(capsys, tmp_path, words, mess
 
 def test_the_render_id_changes_with_the_scheduler_and_its_options():
     from renderer import RenderRequest
-    from renderer.identity import render_id
+    from renderer.plan.identity import render_id
 
     base = RenderRequest(prompt="a", size=(256, 256))
     requests = [base, base.with_(scheduler="DPMSolverMultistepScheduler"),

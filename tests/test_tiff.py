@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from renderer.tiff import BandTiler, TiffOptions, level_shapes, needs_bigtiff, read_xmp_prompt, reduce2, write_pyramid
+from renderer.output.tiff import BandTiler, TiffOptions, level_shapes, needs_bigtiff, read_xmp_prompt, reduce2, write_pyramid
 
 
 def structured_image(height: int, width: int) -> np.ndarray:

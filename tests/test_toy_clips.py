@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from renderer.clip_files import frames_of
 from renderer.models import load_pipeline
+from renderer.output.clip_files import frames_of
 from renderer.toy.clips import BLINK, MAX_STEP, draw_clips
 from renderer.toy.metrics import ANALYSIS_TRAIN_PX, background_flicker, count_subjects
 from renderer.toy.scenes import SCENE_SIZE, draw_scenes

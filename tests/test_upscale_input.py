@@ -15,15 +15,15 @@ import torch
 from PIL import Image
 
 from freescale_core import FreeScaleConfig
-import renderer.worker
+import renderer.cascade.worker
 from renderer import RenderRequest, render
 from renderer.cli import main
 from renderer.errors import RenderError
-from renderer.identity import render_id
-from renderer.input_image import DEFAULT_STRENGTH, input_plan, load_input, strength_restart
 from renderer.models import recommended_restart_fraction
-from renderer.request import ModelGeometry
-from renderer.tiff import XMP_TAG
+from renderer.output.tiff import XMP_TAG
+from renderer.plan.geometry import ModelGeometry
+from renderer.plan.identity import render_id
+from renderer.plan.input_image import DEFAULT_STRENGTH, input_plan, load_input, strength_restart
 from renderer.toy.metrics import count_subjects
 from renderer.toy.scenes import draw_scenes
 
@@ -115,7 +115,7 @@ OPTION_ERRORS = ("a scale above 1", "--strength 0.0 must be in (0, 1]", "--stren
     (float_tiff, ["--size", "4x"], "floating-point pixels (mode F)"),
 ])
 def test_bad_pictures_are_one_line_before_any_weight_and_nothing_is_written(capsys, tmp_path, monkeypatch, make, options, expected):
-    monkeypatch.setattr(renderer.worker, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(renderer.cascade.worker, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir(), out.mkdir()
     path = make(inputs / ("in.tif" if make is float_tiff else "in.png"))
@@ -169,7 +169,7 @@ def test_strength_follows_diffusers_img2img():
 
 
 def test_dry_run_plans_from_the_header(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(renderer.worker, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(renderer.cascade.worker, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
     path = picture(tmp_path / "in.png", 512, 512)
     assert main(["--prompt", "p", "--model", "toy", "--image", str(path), "--size", "4096x4096", "--steps", "10",
                  "--strength", "0.3", "--out", str(tmp_path / "p.tif"), "--dry-run"]) == 0
@@ -221,7 +221,7 @@ def test_a_stopped_render_from_a_picture_resumes_to_the_same_pixels(tiny_pipelin
 
 
 def test_a_batch_line_takes_a_picture(tmp_path, scene):
-    from renderer.batch import read_batch
+    from renderer.cli.batch import read_batch
 
     lines = [{"prompt": "a red creature", "image": str(scene), "size": "4x", "strength": 0.25, "out": str(tmp_path / "a.tif")}]
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(line) for line in lines))

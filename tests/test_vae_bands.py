@@ -7,8 +7,8 @@ import torch
 
 from renderer.models.builtin import TINY, build_random_pipeline
 from renderer.parallel.strips import RowGroup
-from renderer.strip_vae import decoded_bands
-from renderer.vae_bands import encode_tiled
+from renderer.vae.bands import encode_tiled
+from renderer.vae.strip import decoded_bands
 
 
 @pytest.fixture(scope="module")

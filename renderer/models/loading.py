@@ -22,7 +22,7 @@ from renderer.errors import RenderError
 from renderer.models.builtin import SDXL, TINY, TOY_WEIGHTS, VIDEO_MODELS, build_random_pipeline, builtin_spec, image_model
 from renderer.models.lora import Lora, fuse_loras
 from renderer.models.motion import add_motion
-from renderer.request import ModelGeometry
+from renderer.plan.geometry import ModelGeometry
 
 BUILTIN = ("tiny", "toy", "sdxl-random", *VIDEO_MODELS)
 # The toy learned its creature at one scale only: re-noised less, an upscaling stage keeps one round body and its

@@ -27,7 +27,7 @@ from torch import nn
 from freescale_core.attention import project
 from renderer.parallel import ops
 from renderer.parallel.strips import RowGroup
-from renderer.vae_bands import group_moments, merged_moments, normalize_groups
+from renderer.vae.bands import group_moments, merged_moments, normalize_groups
 
 # The widest full-resolution activation of one band holds at most this many bytes (`band_rows`).
 BAND_BYTES = 256 * 2**20

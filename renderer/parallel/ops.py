@@ -17,7 +17,7 @@ from torch import nn
 from renderer.parallel.strips import RowGroup, StripLayout
 from freescale_core import freeu
 from freescale_core.blur import BLUR_AXES, gaussian_blur
-from renderer.vae_bands import group_moments, merge_moments, normalize_groups
+from renderer.vae.bands import group_moments, merge_moments, normalize_groups
 
 
 def conv(rows: RowGroup, module: nn.Conv2d, x: torch.Tensor, pad_top: int | None = None) -> torch.Tensor:
