@@ -64,7 +64,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from cluster.spawn import run_ranks
-    from renderer.plan.preflight import model_shape, vae_bytes
+    from renderer.plan.memory import vae_bytes
+    from renderer.plan.shape import model_shape
 
     shape = model_shape(args.model)
     itemsize = 2 if args.device.startswith("cuda") else 4

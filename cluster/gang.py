@@ -10,39 +10,24 @@ when it records anything, every worker records its own steps, bytes received and
 
 from __future__ import annotations
 
-import math
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from cluster.placement import bundle_for, connect
+from cluster.placement import bundle_for, connect, workers_that_fit
 from cluster.queue import wait_for_gang
 from renderer.cascade.stage_loop import CheckpointSink, StageJob
-from renderer.cascade.worker import ModelInfo, RankResult, Worker
+from renderer.cascade.worker import ModelInfo, RankResult, Report, Worker
 from renderer.errors import RenderError, WorkerLost
-from renderer.executor.base import Executor, Outcome
+from renderer.executor.base import Executor
+from renderer.executor.spec import ExecutorSpec
 from renderer.metrics.recorder import NULL_METRICS, RenderMetrics
 from renderer.progress import Progress
-
-
-@dataclass(frozen=True)
-class GangSpec:
-    """How to start the workers."""
-
-    workers: int
-    model: str
-    model_config: str | None = None
-    dtype: str | None = None  # default: float16 on GPU workers, float32 on CPU
-    address: str | None = None  # a Ray cluster to join; None starts (or joins) a local one
-    gpus_per_worker: float | None = None  # None: 1 if the cluster has a GPU per worker, else CPU workers
-    queue_timeout_s: float | None = None  # None: wait for the cluster as long as it takes
-    collective_timeout_s: float = 1800.0  # above the longest denoising step (16K: ~45 s) and rank 0's base stage
-    motion_adapter: str | None = None  # a clip's motion modules (`renderer.models.motion`)
-    loras: tuple = ()  # (path, scale) of each LoRA fused at load (`renderer.models.lora`)
 
 
 def use_interface_of(host: str) -> str | None:
@@ -65,13 +50,13 @@ def use_interface_of(host: str) -> str | None:
 class GangWorker:
     """One worker process (a Ray actor): a `Worker` with its own threads and, on a shared GPU, its memory cap."""
 
-    def __init__(self, model: str, model_config: str | None, dtype: str | None, threads: int, device: str, gpu_share: float,
-                 motion_adapter: str | None = None, loras: tuple = ()):
+    def __init__(self, spec: ExecutorSpec, threads: int, device: str, gpu_share: float):
         torch.set_num_threads(threads)
         if device == "cuda" and gpu_share < 1:
             torch.cuda.set_per_process_memory_fraction(gpu_share)  # Ray's fractional GPUs do not cap memory
-        self.worker = Worker(model, device, dtype, model_config, motion_adapter=motion_adapter, loras=loras)
+        self.worker = Worker(spec.model, device, spec.dtype, spec.model_config, motion_adapter=spec.motion_adapter, loras=spec.loras)
         self.pixels: np.ndarray | None = None
+        self.rank = 0
 
     def rendezvous_address(self) -> str:
         """host:port of a free port on this worker's node (called on rank 0)."""
@@ -89,27 +74,19 @@ class GangWorker:
         host = ray.util.get_node_ip_address()
         use_interface_of(host)
         self.worker.join(rank, world, address, backend, timeout_s)
+        self.rank = rank
         return host
 
     def info(self) -> ModelInfo:
         return self.worker.info()
 
-    def run(self, job: StageJob, queue, report_progress: bool = False, record_metrics: bool = False,
-            checkpoints: bool = False) -> RankResult:
-        """Run the job and decode this rank's strip of the final image (kept here until `take_pixels`); return the rest.
-
-        With `checkpoints`, checkpoint rows go to the driver through `queue`; the rank with `report_progress` also
-        reports its stages and steps there. With `record_metrics`, this worker records its steps, bytes received
-        and memory under its rank through `ray.util.metrics`."""
+    def run(self, job: StageJob, report: QueueReport) -> RankResult:
+        """Run the job and decode this rank's strip of the final image (kept here until `final_rows`); return the rest."""
         from renderer.cascade.stage_loop import received_since
         from renderer.parallel.strips import received_bytes
 
-        def hand_over(stage, step, span, latents, reference) -> None:
-            queue.put(("checkpoint", stage, step, span, latents, reference))
-
-        progress = RelayProgress(queue) if report_progress else None
-        metrics = RenderMetrics.ray() if record_metrics else NULL_METRICS
-        result = self.worker.run(job, progress, hand_over if checkpoints else None, metrics)
+        metrics = RenderMetrics.ray() if report.record_metrics else NULL_METRICS
+        result = self.worker.run(job, report.for_rank(self.rank, metrics))
         exchanged = dict(received_bytes)
         pixels = np.concatenate(list(self.worker.final_rows()))  # a clip's frames one after another
         self.pixels = pixels.reshape(job.frames, -1, *pixels.shape[1:])
@@ -126,14 +103,32 @@ class GangWorker:
 
         node = ray.get_runtime_context().get_node_id()
         place = f"GPU {ray.get_gpu_ids()} of node {node}" if self.worker.device.type == "cuda" else f"node {node}"
-        return place, self.worker.memory()
+        return place, self.worker.memory()[1]
 
-    def take_pixels(self, frame: int = 0) -> np.ndarray:
-        """This rank's rows of the final image (of a clip: of one frame); the last frame's take frees them all."""
+    def final_rows(self, frame: int = 0) -> list[np.ndarray]:
+        """This rank's rows of the final image (of a clip: of one frame), decoded by `run`; the last frame's take
+        frees them all."""
         pixels = self.pixels[frame]
         if frame == len(self.pixels) - 1:
             self.pixels = None
-        return pixels
+        return [pixels]
+
+
+@dataclass(frozen=True)
+class QueueReport:
+    """What a gang's ranks report through (`Executor.reporting`): a Ray queue on the driver's node, which the
+    driver empties while it waits for them."""
+
+    queue: object  # ray.util.queue.Queue
+    record_metrics: bool  # each worker records its steps, bytes received and memory through `ray.util.metrics`
+    checkpoints: bool  # checkpoint rows go to the driver
+
+    def for_rank(self, rank: int, metrics: RenderMetrics) -> Report:
+        """Rank 0 reports its stages and steps; every rank its checkpoint rows."""
+        def hand_over(stage, step, span, latents, reference) -> None:
+            self.queue.put(("checkpoint", stage, step, span, latents, reference))
+
+        return Report(RelayProgress(self.queue) if rank == 0 else None, hand_over if self.checkpoints else None, metrics)
 
 
 class RelayProgress(Progress):
@@ -151,19 +146,6 @@ class RelayProgress(Progress):
 
     def finished(self, stage: int, seconds: float) -> None:
         self.queue.put(("finished", stage, seconds))
-
-
-def relay(queue, progress: Progress, on_checkpoint: CheckpointSink | None) -> None:
-    """Replay what the workers reported: progress on the driver's bars, checkpoint rows to `on_checkpoint`."""
-    for event in queue.get_nowait_batch(queue.qsize()):
-        if event[0] == "stage":
-            progress.stage(*event[1:])
-        elif event[0] == "advance":
-            progress.advance()
-        elif event[0] == "finished":
-            progress.finished(*event[1:])
-        else:
-            on_checkpoint(*event[1:])
 
 
 def failure(error: Exception) -> str:
@@ -198,12 +180,14 @@ def lost_worker(error: Exception) -> bool:
 
 
 class Gang(Executor):
-    """A started gang of workers; use as a context manager so the workers and their reservation are freed.
+    """The request's ranks as Ray actors in one placement group, reserved (waiting for room up to the spec's queue
+    timeout) and refused at once if its workers lack the `need` bytes each beyond the model that the plan says
+    (before any stage runs); `close` frees the workers and their reservation.
 
     `metrics`: the driver's, where placement and worker failures are counted; unless it is the no-op,
     the workers record their own metrics through Ray's."""
 
-    def __init__(self, spec: GangSpec, metrics: RenderMetrics = NULL_METRICS):
+    def __init__(self, spec: ExecutorSpec, metrics: RenderMetrics = NULL_METRICS, need: int | None = None):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -215,7 +199,7 @@ class Gang(Executor):
         self._remove = remove_placement_group
         self.group = placement_group([bundle] * spec.workers, strategy="PACK")
         self.workers = []
-        self.frames = 1
+        self.relaying: tuple | None = None  # (queue, progress, on_checkpoint) while a job runs
         try:
             self.waited_s = wait_for_gang(self.group, [bundle] * spec.workers, spec.queue_timeout_s, metrics)
             self.placed_at, self.bundle = time.time(), bundle
@@ -224,18 +208,23 @@ class Gang(Executor):
             except ray.exceptions.RayError as error:
                 metrics.worker_failed("error")
                 raise RenderError(f"a worker failed to start: {failure(error)}") from error
+            self.device = "cuda" if gpus else "cpu"
+            self.ranks = spec.workers
+            if need is not None:
+                self.check_memory(need)
         except BaseException:  # also a stop (SIGTERM, Ctrl-C) while waiting: free what was reserved
             self.close()
             raise
-        self.device = "cuda" if gpus else "cpu"
-        self.ranks = spec.workers
 
-    def model(self) -> ModelInfo:
-        import ray
+    @classmethod
+    def connect(cls, spec: ExecutorSpec) -> None:
+        connect(spec.address, spec.workers)
 
-        return ray.get(self.workers[0].info.remote())
+    @classmethod
+    def ranks_that_fit(cls, spec: ExecutorSpec, wanted: int) -> int:
+        return workers_that_fit(spec.gpus_per_worker, wanted)
 
-    def _start(self, spec: GangSpec, bundle: dict, gpus: float) -> None:
+    def _start(self, spec: ExecutorSpec, bundle: dict, gpus: float) -> None:
         """One actor per bundle, each loading the model, then the process group (rank 0 hosts the rendezvous)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -245,8 +234,7 @@ class Gang(Executor):
             actor.options(
                 num_cpus=bundle["CPU"], num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
-            ).remote(spec.model, spec.model_config, spec.dtype, max(1, int(bundle["CPU"])), "cuda" if gpus else "cpu", gpus,
-                     spec.motion_adapter, spec.loras)
+            ).remote(spec, max(1, int(bundle["CPU"])), "cuda" if gpus else "cpu", gpus)
             for rank in range(spec.workers)
         ]
         self.backend = "nccl" if gpus >= 1 else "gloo"
@@ -265,19 +253,63 @@ class Gang(Executor):
         self._remove(self.group)
         self.group = None
 
-    def free_memory(self) -> int:
-        """The least free memory of any worker (its GPU's, or its node's for CPU workers), in bytes."""
+    def collective(self, method: str, *args, ranks: Sequence[int] | None = None) -> list:
+        """The workers' results; while a job runs, what they report is relayed every half second. The first failure
+        of any rank ends the call (a `WorkerLost` where a new gang could go on), without waiting for the others."""
         import ray
 
-        return min(free for _, free in ray.get([worker.memory.remote() for worker in self.workers]))
+        chosen = range(len(self.workers)) if ranks is None else ranks
+        pending = [getattr(self.workers[rank], method).remote(*args) for rank in chosen]
+        order = {ref: index for index, ref in enumerate(pending)}
+        results: dict[int, object] = {}
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+                self.relay()
+                for ref in ready:
+                    results[order[ref]] = ray.get(ref)
+            self.relay()
+        except ray.exceptions.RayError as error:  # the gang is torn down by its pool; one rank's failure ends all
+            raise self.failed(error) from error
+        return [results[index] for index in range(len(order))]
+
+    @contextmanager
+    def reporting(self, progress: Progress, on_checkpoint: CheckpointSink | None) -> Iterator[QueueReport]:
+        """A queue on the driver's own node, which needs no CPU for it, so that losing a worker's host never takes
+        the queue with it."""
+        import ray
+        from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        self.relaying = (queue, progress, on_checkpoint)
+        try:
+            yield QueueReport(queue, self.metrics.enabled, on_checkpoint is not None)
+        finally:
+            self.relaying = None
+            queue.shutdown()
+
+    def relay(self) -> None:
+        """Replay what the workers reported: progress on the driver's bars, checkpoint rows to `on_checkpoint`."""
+        if self.relaying is None:
+            return
+        queue, progress, on_checkpoint = self.relaying
+        for event in queue.get_nowait_batch(queue.qsize()):
+            if event[0] == "stage":
+                progress.stage(*event[1:])
+            elif event[0] == "advance":
+                progress.advance()
+            elif event[0] == "finished":
+                progress.finished(*event[1:])
+            else:
+                on_checkpoint(*event[1:])
 
     def check_memory(self, need: int) -> None:
         """Refuse, before any stage runs, a gang whose workers would need more than the memory they share:
-        `need` bytes each (the preflight's estimate beyond the loaded model), against what their GPU or
-        node has free, less the 5 % Ray's memory monitor keeps before it kills a worker."""
-        import ray
-
-        places, free = zip(*ray.get([worker.memory.remote() for worker in self.workers]))
+        `need` bytes each (the plan's estimate beyond the loaded model), against what their GPU or node has
+        free, less the 5 % Ray's memory monitor keeps before it kills a worker."""
+        places, free = zip(*self.collective("memory"))
         for place in set(places):
             sharing = places.count(place)
             available = min(f for p, f in zip(places, free) if p == place) * 0.95
@@ -288,44 +320,6 @@ class Gang(Executor):
                     f"and need about {sharing} x {need / 2**30:.1f} GiB beyond the model there, but it has "
                     f"{available / 2**30:.1f} GiB free ({fits}); spread the workers over more nodes, or try --vae-mode tiled, "
                     "--fast-mode or a smaller --size (--dry-run shows the estimate)")
-
-    def largest_share(self, size: tuple[int, int]) -> float:
-        """About the largest fraction of a stage's rows one worker holds (strips are whole units, so a little
-        more than 1/N)."""
-        units = size[1] // 64  # 8-latent-row strip units at the usual VAE scale of 8
-        return math.ceil(max(units, 1) / len(self.workers)) / max(units, 1)
-
-    def run(self, job: StageJob, progress: Progress, on_checkpoint: CheckpointSink | None) -> Outcome:
-        """Run the job on every worker; their results (without the final pixels) put together.
-
-        Rank 0's stages and steps are shown on `progress` while the workers run; checkpoint rows from every
-        rank go to `on_checkpoint`. The first failure of any rank ends the run (a `WorkerLost` where a new
-        gang could go on), without waiting for the others."""
-        import ray
-        from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        self.frames = job.frames  # how many frames `pixel_rows` takes from each worker
-        # The workers' progress and checkpoint rows reach the driver through this queue (an actor): on the driver's
-        # own node, which needs no CPU for it, so that losing a worker's host never takes the queue with it.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-        pending = [worker.run.remote(job, queue, rank == 0, self.metrics.enabled, on_checkpoint is not None)
-                   for rank, worker in enumerate(self.workers)]
-        order = {ref: rank for rank, ref in enumerate(pending)}
-        results: dict[int, RankResult] = {}
-        try:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-                relay(queue, progress, on_checkpoint)
-                for ref in ready:
-                    results[order[ref]] = ray.get(ref)
-            relay(queue, progress, on_checkpoint)
-            return Outcome.of([results[rank] for rank in range(len(self.workers))])
-        except ray.exceptions.RayError as error:  # the gang is torn down by __exit__; one rank's failure ends all
-            raise self.failed(error) from error
-        finally:
-            queue.shutdown()
 
     def failed(self, error: Exception) -> RenderError:
         """What a rank's failure ends the render with, counted: a `WorkerLost` where a new gang could go on."""
@@ -339,17 +333,3 @@ class Gang(Executor):
                                "spread the workers over more nodes, or try --vae-mode tiled, --fast-mode or a smaller "
                                "--size (--dry-run shows the estimate)")
         return RenderError(f"a worker failed: {failure(error)}")
-
-    def pixel_rows(self) -> Iterator[np.ndarray]:
-        """The final image, one worker's strip at a time (a clip's: frame after frame), so that the driver never
-        holds more than one strip. A worker lost before its strip is taken ends it as in `run`: the strip was
-        only on that worker."""
-        import ray
-
-        for frame in range(self.frames):
-            for worker in self.workers:
-                try:
-                    strip = ray.get(worker.take_pixels.remote(frame))
-                except ray.exceptions.RayError as error:
-                    raise self.failed(error) from error
-                yield strip

@@ -23,19 +23,20 @@ from renderer.cascade.stage_loop import Prompt, StageJob
 from renderer.errors import RenderError
 from renderer.executor.base import Executor, Outcome
 from renderer.executor.pool import Executors, executor_class
+from renderer.executor.spec import ExecutorSpec
 from renderer.jobs import submission_id
 from renderer.metrics.recorder import NULL_METRICS, RenderMetrics, metrics_for
-from renderer.models import model_geometry, peek_geometry
+from renderer.models import model_geometry
 from renderer.models.lora import lora_identity
 from renderer.output.clip_files import write_clip
 from renderer.output.files import sidecar_path
 from renderer.output.writing import library_versions, tee_into, write_outputs
 from renderer.plan.geometry import Size, format_size
 from renderer.plan.identity import input_record, render_id
-from renderer.plan.input_image import input_plan, load_input
+from renderer.plan.input_image import load_input
 from renderer.plan.input_mask import load_mask
 from renderer.plan.preflight import preflight
-from renderer.plan.render_plan import StagePlan, check_device, decode_modes, denoising_plan, plan_stages
+from renderer.plan.render_plan import RenderPlan, check_device, decode_modes, plan_render
 from renderer.plan.request import RenderRequest, guided
 from renderer.progress import Progress
 from renderer.resume.checkpoints import CheckpointStore, CheckpointWriter
@@ -55,7 +56,7 @@ class RenderResult:
 
 def render(request: RenderRequest, pipeline=None, progress: bool | Progress = True, write: bool = True,
            keep_image: bool = True, metrics: bool | RenderMetrics = False, executors: Executors | None = None,
-           skip_done: bool = False) -> RenderResult:
+           skip_done: bool = False, plan: RenderPlan | None = None) -> RenderResult:
     """Render `request`. `pipeline` reuses an already loaded model for an in-process render (its device and dtype
     win); a gang's workers (--workers N) load the model themselves.
 
@@ -69,9 +70,10 @@ def render(request: RenderRequest, pipeline=None, progress: bool | Progress = Tr
 
     `executors`: where the ranks come from (a batch passes its pool, which keeps them between posters); by
     default they are started for this render and freed at its end. `skip_done`: return at once, with
-    `metadata["skipped"]`, when the output is already complete for this same request (a re-run batch)."""
+    `metadata["skipped"]`, when the output is already complete for this same request (a re-run batch). `plan`: the
+    request's plan, where the caller made it already (a batch checks every poster's before the first renders)."""
     with opened_metrics(request, metrics) as recorder, recorder.rendering():
-        return render_recorded(request, pipeline, progress, write, keep_image, recorder, executors, skip_done)
+        return render_recorded(request, pipeline, progress, write, keep_image, recorder, executors, skip_done, plan)
 
 
 @contextmanager
@@ -81,7 +83,8 @@ def opened_metrics(request: RenderRequest, metrics: bool | RenderMetrics) -> Ite
         yield metrics if isinstance(metrics, RenderMetrics) else NULL_METRICS
         return
     if request.workers:
-        executor_class(request).connect(request)  # first, so that what the driver records reaches Ray's agent
+        spec = ExecutorSpec.of(request)
+        executor_class(spec).connect(spec)  # first, so that what the driver records reaches Ray's agent
         opened = metrics_for(on_ray=True)
     else:
         try:
@@ -102,18 +105,17 @@ def opened_metrics(request: RenderRequest, metrics: bool | RenderMetrics) -> Ite
 
 
 def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress, write: bool, keep_image: bool,
-                    metrics: RenderMetrics, executors: Executors | None, skip_done: bool) -> RenderResult:
-    # Plan: everything knowable from the request and the model's configs, refused before any rank starts.
+                    metrics: RenderMetrics, executors: Executors | None, skip_done: bool, plan: RenderPlan | None) -> RenderResult:
+    # Plan: everything knowable from the request and the model's configs, refused before any rank starts; made
+    # once, here or by the caller (a single file or a hub id is planned once loaded, in `render_on`).
     if not request.workers:
         check_device(request.device)
-    if pipeline is None:
-        preflight(request)
-    geometry = model_geometry(pipeline) if pipeline is not None else peek_geometry(request.model)
-    plan = plan_stages(request, geometry) if geometry is not None else None
+    if plan is None:
+        plan = plan_render(request, model_geometry(pipeline)) if pipeline is not None else preflight(request)
     started = time.perf_counter()
     # Executor: the ranks, each with the model (a batch's pool keeps them for the next poster).
     executors = executors if executors is not None else Executors(metrics, pipeline)
-    executor = executors.acquire(request)
+    executor = executors.acquire(request, plan)
     failed = True
     try:
         result = render_on(request, executor, executors, plan, progress, write, keep_image, metrics, skip_done, started)
@@ -123,14 +125,14 @@ def render_recorded(request: RenderRequest, pipeline, progress: bool | Progress,
     return result
 
 
-def render_on(request: RenderRequest, executor: Executor, executors: Executors, plan: StagePlan | None,
+def render_on(request: RenderRequest, executor: Executor, executors: Executors, plan: RenderPlan | None,
               progress: bool | Progress, write: bool, keep_image: bool, metrics: RenderMetrics, skip_done: bool,
               started: float) -> RenderResult:
     model = executor.model()
     if request.frames > model.max_frames > 0:  # a hub adapter's positions are known once loaded
         raise RenderError(f"--frames {request.frames} exceeds the motion adapter's {model.max_frames} frame positions; "
                           f"use at most {model.max_frames}")
-    plan = plan or plan_stages(request, model.geometry)  # a single file's shape is known once loaded
+    plan = plan or plan_render(request, model.geometry)  # a single file's shape is known once loaded
     stages, base = plan.stages, plan.stages[0]
     identity = render_id(request, stages, model.dtype, model.device)
     if skip_done and write and (done := complete_output(request, identity)) is not None:
@@ -139,13 +141,11 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
     initial, picture = None, {}
     if request.image:
         initial, converted = load_input(request.image, base)
-        picture = input_record(request, input_plan(request, model.geometry).notes + converted)
+        picture = input_record(request, plan.notes + converted)
         for note in picture["notes"]:
             log.info("%s", note)
-    first_restart = picture.get("first_restart_step")
     config = replace(request.freescale, seed=request.seed)
-    bar = metrics.following(progress if isinstance(progress, Progress) else Progress(progress),
-                            denoising_plan(stages, request.steps, config.restart_fraction, base=initial is None, first_restart=first_restart))
+    bar = metrics.following(progress if isinstance(progress, Progress) else Progress(progress), plan.denoising)
     store = CheckpointStore(request.checkpoint_folder(), identity, request.steps) if write else None
     if store is not None and not request.resume:
         store.clear()
@@ -158,7 +158,7 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
         save_stages=request.save_stages, checkpoint_steps=request.checkpoint_every_steps,
         checkpoint_seconds=request.checkpoint_every_minutes * 60, cfg_split=request.cfg_split,
         first_sharded=plan.first_sharded, frames=request.frames, scheduler=request.scheduler_choice,
-        first_restart=first_restart,
+        first_restart=plan.first_restart,
     )
     history: dict = {"render_id": identity, "resumed_from": None, "restarts": []}
     if resumed is not None:
@@ -196,7 +196,7 @@ def render_on(request: RenderRequest, executor: Executor, executors: Executors, 
 
     # Stages, then outputs: on the executor's ranks, rebuilt from the newest checkpoint if a rank is lost (also
     # while the final rows stream from the ranks into the files).
-    return run_recovering(request, executors, job, store, writer, bar, history["restarts"], model.geometry, finish)
+    return run_recovering(request, executors, job, store, writer, bar, history["restarts"], plan, finish)
 
 
 def stream_outputs(request: RenderRequest, executor: Executor, result: RenderResult, write: bool, keep_image: bool,
@@ -231,7 +231,7 @@ def complete_output(request: RenderRequest, identity: str) -> dict | None:
     return written if isinstance(written, dict) and written.get("render_id") == identity else None
 
 
-def gang_summary(executor: Executor, plan: StagePlan, outcome, cfg_split: bool) -> dict:
+def gang_summary(executor: Executor, plan: RenderPlan, outcome, cfg_split: bool) -> dict:
     """For the sidecar: the gang, its strips, which ranks ran each stage, and per rank its times, bytes and peak."""
     ranks = outcome.ranks
     count = len(plan.stages)

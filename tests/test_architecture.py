@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("freescale_core", "renderer", "cluster")
 # The one place renderer/ may name cluster/: where the executor for --workers N is chosen.
-RENDERER_TO_CLUSTER = {("renderer/executor/pool.py", "cluster.ray_executor")}
+RENDERER_TO_CLUSTER = {("renderer/executor/pool.py", "cluster.gang")}
 
 
 def imports_of(path: Path) -> set[str]:

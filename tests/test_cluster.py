@@ -9,7 +9,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cluster.gang import Gang, GangSpec
+from cluster.gang import Gang
+from renderer.executor.spec import ExecutorSpec
 from renderer import RenderRequest, render
 from freescale_core import FreeScaleConfig
 from renderer.cli import main as cli_main
@@ -126,12 +127,12 @@ def test_bad_cluster_options_are_one_line_errors(tmp_path, changes, message):
 def test_a_gang_that_waits_past_queue_timeout_is_a_clear_error(ray_session):
     with pytest.raises(RenderError, match=r"^--queue-timeout 2: the cluster did not free 2 x \{1 CPU, 1 GPU\} within 2 s "
                                           r"\(it has [^)]* free of [^)]*\); raise --queue-timeout"):
-        Gang(GangSpec(workers=2, model="tiny", gpus_per_worker=1.0, queue_timeout_s=2))
+        Gang(ExecutorSpec(workers=2, model="tiny", gpus_per_worker=1.0, queue_timeout_s=2))
 
 
 def test_a_worker_that_cannot_load_the_model_is_a_one_line_error(ray_session, tmp_path):
     with pytest.raises(RenderError, match=r"a worker failed to start: .*no-such-model"):
-        Gang(GangSpec(workers=1, model=str(tmp_path / "no-such-model")))
+        Gang(ExecutorSpec(workers=1, model=str(tmp_path / "no-such-model")))
 
 
 def test_workers_without_the_memory_of_the_plan_are_refused_before_any_stage(ray_session, tmp_path):

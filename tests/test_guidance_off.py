@@ -19,7 +19,8 @@ from freescale_core.rng import normal
 from renderer import RenderRequest, render
 from renderer.cascade.stage_loop import run_stages
 from renderer.cascade.stages import encode_prompts
-from renderer.models import peek_geometry
+from renderer.plan.render_plan import plan_render
+from renderer.plan.shape import model_shape
 
 PROMPT = "a red kite"
 
@@ -93,15 +94,18 @@ def test_a_gang_at_guidance_one_runs_one_branch_on_its_strips_unsplit(tiny_pipel
 @pytest.mark.parametrize("sample_size, planned", [(32, ["256x256", "512x512", "1024x1024"]), (64, ["512x512", "1024x1024"])])
 def test_the_training_size_comes_from_the_models_config(tiny_pipeline, tmp_path, sample_size, planned):
     """A 512² model (SDXL-Turbo's UNet says sample_size 64) plans its cascade from 512, read from its configs."""
+    (tmp_path / "model_index.json").write_text("{}")
     for name in ("unet", "vae"):
         (tmp_path / name).mkdir()
         config = dict(getattr(tiny_pipeline, name).config)
         if name == "unet":
             config["sample_size"] = sample_size
         (tmp_path / name / "config.json").write_text(json.dumps(config))
-    geometry = peek_geometry(str(tmp_path))
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(tiny_pipeline.scheduler.config)))
+    geometry = model_shape(str(tmp_path)).geometry
     assert geometry.train_px == 8 * sample_size
-    stages = RenderRequest(prompt=PROMPT, size=(1024, 1024)).plan(geometry)
+    stages = plan_render(RenderRequest(prompt=PROMPT, size=(1024, 1024)), geometry).stages
     assert [f"{w}x{h}" for w, h in stages] == planned
 
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from cluster.spawn import run_ranks
 from renderer import RenderRequest, render
 from renderer.cli import main
-from renderer.executor.pool import executor_key
+from renderer.executor.spec import ExecutorSpec
 from renderer.models import load_pipeline
 from renderer.models.lora import lora_digest
 from renderer.output.tiff import XMP_TAG
@@ -148,9 +148,9 @@ def test_the_render_id_sidecar_and_xmp_name_each_lora_and_its_scale(loras, tmp_p
 
 def test_the_pool_shares_a_gang_only_for_the_same_model_and_loras(loras):
     base = RenderRequest(prompt="a", size=(256, 256), workers=2, loras=((loras["style"], 0.8),))
-    assert executor_key(base) == executor_key(base.with_(prompt="b", scheduler="DDIMScheduler"))
+    assert ExecutorSpec.of(base) == ExecutorSpec.of(base.with_(prompt="b", scheduler="DDIMScheduler"))
     for other in (base.with_(loras=()), base.with_(loras=((loras["style"], 0.7),)), base.with_(loras=((loras["detail"], 0.8),))):
-        assert executor_key(other) != executor_key(base)
+        assert ExecutorSpec.of(other) != ExecutorSpec.of(base)
 
 
 def test_a_batch_line_takes_a_list_of_loras(loras, tmp_path):

@@ -178,7 +178,7 @@ def test_a_packed_file_names_its_scheduler_from_a_fixed_list(tiny_pipeline, tmp_
 
 
 def test_shipped_toy_weights_fit_the_budget_and_match_the_toy_spec():
-    """Issue 13's weight budget (40 MB, decimal, every file of the folder) and the spec that `peek_geometry` and
+    """Issue 13's weight budget (40 MB, decimal, every file of the folder) and the spec that `renderer.plan.shape` and
     `renderer.toy.train` read: the shipped configs must say what TOY says."""
     files = [path for path in TOY_WEIGHTS.rglob("*") if path.is_file()]
     total = sum(path.stat().st_size for path in files)

@@ -14,7 +14,9 @@ import renderer.plan.preflight
 from renderer import RenderRequest, render
 from renderer.cli import main
 from renderer.errors import RenderError
-from renderer.plan.preflight import model_shape, preflight, unet_activation_bytes, vae_store_bytes
+from renderer.plan.memory import unet_activation_bytes, vae_store_bytes
+from renderer.plan.preflight import preflight
+from renderer.plan.shape import model_shape
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -81,6 +81,16 @@ class RankResult:
     peak_bytes: int = 0
 
 
+@dataclass
+class Report:
+    """Where a rank reports while it runs a job: its stages and steps (rank 0's show on the driver's bar), its
+    checkpoint rows, its metrics."""
+
+    progress: Progress | None = None
+    checkpoint: CheckpointSink | None = None
+    metrics: RenderMetrics = NULL_METRICS
+
+
 class Worker:
     """A rank: the model, its place in the group, and the rows of the final image until they are taken."""
 
@@ -106,14 +116,14 @@ class Worker:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a dead peer becomes an error, not a hang
         init_process_group(rank, world, address, backend, timeout_s)
 
-    def memory(self) -> int:
-        """Free bytes where this rank allocates (its GPU, or its node's memory)."""
-        return available_memory(self.device)
+    def memory(self) -> tuple[str, int]:
+        """What this rank's memory is shared with, and how many bytes of it are free (its GPU's, or its node's)."""
+        return f"{self.device} of this process", available_memory(self.device)
 
-    def run(self, job: StageJob, progress: Progress | None = None, checkpoint: CheckpointSink | None = None,
-            metrics: RenderMetrics = NULL_METRICS) -> RankResult:
+    def run(self, job: StageJob, report: Report | None = None) -> RankResult:
         """This rank's part of the job; its rows of the final image wait for `final_rows`."""
-        pipeline = self.pipeline
+        report = report or Report()
+        pipeline, progress, checkpoint, metrics = self.pipeline, report.progress, report.checkpoint, report.metrics
         gang = dist.is_initialized()  # a rank of a process group (a Ray gang, or ranks spawned by the tests)
         rank = dist.get_rank() if gang else 0
         with torch.inference_mode():
@@ -154,14 +164,17 @@ class Worker:
                                                 stage + 1))
                 for stage, latents in job.stage_ends.items()}
 
-    def final_rows(self) -> Iterator[np.ndarray]:
-        """This rank's rows of the final image as (rows, W, 3) uint8 bands, streamed as they are decoded; a clip's
-        frame after frame (each decoded on its own), so that one frame is written while the next decodes."""
+    def final_rows(self, frame: int | None = None) -> Iterator[np.ndarray]:
+        """This rank's rows of the final image as (rows, W, 3) uint8 bands, streamed as they are decoded: of one
+        `frame` of a clip, or of every frame one after another (each decoded on its own, so that one frame is
+        written while the next decodes). Taking the last frame frees them."""
         rows, latents, mode = self.final
-        self.final = None
+        frames = range(len(latents)) if frame is None else range(frame, frame + 1)
+        if frames[-1] == len(latents) - 1:
+            self.final = None
         with torch.inference_mode():
-            for frame in latents.split(1):
-                for band in decoded_bands(self.pipeline.vae, rows, unscaled(self.pipeline, frame), mode):
+            for index in frames:
+                for band in decoded_bands(self.pipeline.vae, rows, unscaled(self.pipeline, latents[index : index + 1]), mode):
                     yield to_pixels(band)
 
     def peak(self) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from renderer.errors import RenderError
 from renderer.metrics.recorder import RenderMetrics
 from renderer.output.collisions import check_collisions
 from renderer.output.files import write_json_lines
+from renderer.plan.render_plan import RenderPlan
 from renderer.plan.request import RenderRequest
 
 log = logging.getLogger("freescale_poster")
@@ -37,6 +38,7 @@ NOT_PER_POSTER = {"dry_run", "quiet", "help"}  # options of the whole command, n
 class Poster:
     line: int  # in the batch file, from 1
     request: RenderRequest
+    plan: RenderPlan | None  # checked by the preflight, rendered as checked (None: a model planned once loaded)
 
 
 @dataclass
@@ -83,10 +85,10 @@ def read_batch(path: Path, defaults: list[str]) -> list[Poster]:
             for dest in switched_off:  # `"preview": false` turns off a --preview given for every poster
                 setattr(args, dest, False)
             request = request_from_args(args)
-            preflight(request)
+            plan = preflight(request)
         except RenderError as error:
             raise RenderError(f"{where}: {error}") from None
-        posters.append(Poster(number, request))
+        posters.append(Poster(number, request, plan))
     if not posters:
         raise RenderError(f"batch file {path} has no posters; write one JSON object per line")
     check_collisions(posters, str(path))
@@ -143,25 +145,27 @@ def option_words(action, value, where: str, key: str) -> list[str]:
 
 def render_many(requests: list[RenderRequest], progress: bool = True, metrics: bool | RenderMetrics = False,
                 lines: list[int] | None = None, summary: Path | None = None,
-                on_poster: Callable[[RenderRequest], None] = lambda request: None) -> list[PosterReport]:
+                on_poster: Callable[[RenderRequest], None] = lambda request: None,
+                plans: list[RenderPlan | None] | None = None) -> list[PosterReport]:
     """Render every request in order with one executor pool; the reports, also written to `summary` (JSON Lines)
-    after each poster. `on_poster` hears of each poster as it starts. A stop (KeyboardInterrupt) ends the batch
-    after reporting the poster it stopped."""
+    after each poster. `on_poster` hears of each poster as it starts; `plans`, the requests' plans where already
+    made (`read_batch`). A stop (KeyboardInterrupt) ends the batch after reporting the poster it stopped."""
     from renderer.engine import opened_metrics, render
     from renderer.executor.pool import Executors
 
     lines = lines or list(range(1, len(requests) + 1))
+    plans = plans or [None] * len(requests)
     reports: list[PosterReport] = []
     representative = next((request for request in requests if request.workers), requests[0])
     with opened_metrics(representative, metrics) as recorder, Executors(recorder, keep=True) as executors:
         recorder.batch_left(len(requests))
-        for index, (line, request) in enumerate(zip(lines, requests)):
+        for index, (line, request, plan) in enumerate(zip(lines, requests, plans)):
             announce(index, requests, reports)
             on_poster(request)
             started = time.perf_counter()
             try:
                 result = render(request, progress=progress, keep_image=False, metrics=recorder, executors=executors,
-                                skip_done=True)
+                                skip_done=True, plan=plan)
             except KeyboardInterrupt:
                 finish(reports, PosterReport(line, str(request.out), "stopped", time.perf_counter() - started), recorder, summary)
                 raise
@@ -226,7 +230,8 @@ def batch_command(argv: list[str], current: list[RenderRequest]) -> int:
     show_render_log()
     summary = summary_path(path, posters)
     reports = render_many([poster.request for poster in posters], progress="--quiet" not in options, metrics=True,
-                          lines=[poster.line for poster in posters], summary=summary, on_poster=current.append)
+                          lines=[poster.line for poster in posters], summary=summary, on_poster=current.append,
+                          plans=[poster.plan for poster in posters])
     print(table(reports))
     print(f"summary: {summary}")
     return 1 if any(report.outcome == "failed" for report in reports) else 0

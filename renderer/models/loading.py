@@ -19,10 +19,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from freescale_core import FreeScaleConfig
 from renderer.errors import RenderError
-from renderer.models.builtin import SDXL, TINY, TOY_WEIGHTS, VIDEO_MODELS, build_random_pipeline, builtin_spec, image_model
+from renderer.models.builtin import SDXL, TINY, TOY_WEIGHTS, VIDEO_MODELS, build_random_pipeline, image_model
 from renderer.models.lora import Lora, fuse_loras
 from renderer.models.motion import add_motion
-from renderer.plan.geometry import ModelGeometry
+from renderer.plan.geometry import ModelGeometry, vae_scale_of
 
 BUILTIN = ("tiny", "toy", "sdxl-random", *VIDEO_MODELS)
 # The toy learned its creature at one scale only: re-noised less, an upscaling stage keeps one round body and its
@@ -192,22 +192,8 @@ def _tokenizer_from_json(text: str) -> CLIPTokenizer:
 
 def geometry_from_config(sample_size: int, vae_channels, unet_channels) -> ModelGeometry:
     """Training size and size granularity from the UNet's latent sample size and both models' level counts."""
-    vae_scale = 2 ** (len(vae_channels) - 1)
+    vae_scale = vae_scale_of(vae_channels)
     return ModelGeometry(train_px=sample_size * vae_scale, granularity=vae_scale * 2 ** (len(unet_channels) - 1), vae_scale=vae_scale)
-
-
-def peek_geometry(model: str) -> ModelGeometry | None:
-    """The model's geometry without loading weights, where its configs can be read cheaply (else None)."""
-    spec = builtin_spec(model)
-    if spec is not None:
-        return geometry_from_config(spec.sample_size, spec.vae_channels, spec.unet_channels)
-    folder = Path(model)
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return geometry_from_config(unet["sample_size"], vae["block_out_channels"], unet["block_out_channels"])
 
 
 def model_geometry(pipeline: StableDiffusionXLPipeline) -> ModelGeometry:

@@ -27,6 +27,7 @@ from torch import nn
 from freescale_core.attention import project
 from renderer.parallel import ops
 from renderer.parallel.strips import RowGroup
+from renderer.plan.geometry import vae_scale_of
 from renderer.vae.bands import group_moments, merged_moments, normalize_groups
 
 # The widest full-resolution activation of one band holds at most this many bytes (`band_rows`).
@@ -45,7 +46,7 @@ def band_rows(vae_config, width_px: int, itemsize: int) -> int:
     activation of a band within BAND_BYTES, at least one. A function of the plan only, so that a render's
     bands (and its rounding) never depend on the machine."""
     channels = vae_config["block_out_channels"]
-    per_latent_row = 2 ** (len(channels) - 1) * width_px * full_resolution_width(channels) * itemsize
+    per_latent_row = vae_scale_of(channels) * width_px * full_resolution_width(channels) * itemsize
     return max(1, BAND_BYTES // per_latent_row)
 
 

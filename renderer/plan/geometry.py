@@ -42,6 +42,11 @@ class ModelGeometry:
     vae_scale: int = 8  # pixels per latent row or column
 
 
+def vae_scale_of(vae_channels) -> int:
+    """Pixels per latent row or column: the VAE halves the image once between each pair of its levels."""
+    return 2 ** (len(vae_channels) - 1)
+
+
 def plan_stages(target: Size, geometry: ModelGeometry) -> list[Size]:
     """Halve the target until its long side is at most the training size: that is the base stage.
 

@@ -12,9 +12,11 @@ from renderer.cascade.stage_loop import StageJob
 from renderer.errors import RenderError, WorkerLost
 from renderer.executor.base import Executor, Outcome
 from renderer.executor.pool import Executors, executor_class
+from renderer.executor.spec import ExecutorSpec
 from renderer.plan.geometry import ModelGeometry
-from renderer.plan.render_plan import check_shardable
+from renderer.plan.render_plan import RenderPlan, check_shardable, plan_render
 from renderer.plan.request import RenderRequest
+from renderer.plan.shape import model_shape
 from renderer.progress import Progress
 from renderer.resume.checkpoints import Checkpoint, CheckpointStore, CheckpointWriter
 
@@ -23,7 +25,7 @@ T = TypeVar("T")
 
 
 def run_recovering(request: RenderRequest, executors: Executors, job: StageJob, store: CheckpointStore | None,
-                   writer: CheckpointWriter | None, progress: Progress, restarts: list[dict], geometry: ModelGeometry,
+                   writer: CheckpointWriter | None, progress: Progress, restarts: list[dict], plan: RenderPlan,
                    finish: Callable[[Executor, Outcome], T]) -> T:
     """Run the job on the pool's current executor, then `finish(executor, outcome)` (the outputs, streamed from the
     ranks' final rows); when a rank is lost in either, replace the executor with a new one and go on. A rank is
@@ -40,14 +42,15 @@ def run_recovering(request: RenderRequest, executors: Executors, job: StageJob, 
                 job = resume_job(job, checkpoint)
             before, hosts = executor.ranks, list(executor.nodes)
             executors.discard()
-            workers = workers_for_restart(request, geometry, job, before)
+            workers = workers_for_restart(request, plan.geometry, job, before)
             restarts.append({"error": str(error), "workers_before": before, "workers_after": workers, "hosts_before": hosts,
                              "resumed_from": {"stage": job.first, "step": job.resume_step}})
             log.warning("%s; restarting with %d workers from stage %d%s (restart %d of at most %d)", error, workers, job.first,
                         f" step {job.resume_step}" if job.resume_step is not None else "", len(restarts), request.max_restarts)
             if writer is not None:
                 writer.discard_partial()
-            executor = executors.acquire(replace(request, workers=workers))
+            rebuilt = replace(request, workers=workers)
+            executor = executors.acquire(rebuilt, restart_plan(rebuilt, plan.geometry))
 
 
 def start_position(job: StageJob) -> tuple[int, int]:
@@ -65,7 +68,8 @@ def resume_job(job: StageJob, checkpoint: Checkpoint) -> StageJob:
 def workers_for_restart(request: RenderRequest, geometry: ModelGeometry, job: StageJob, before: int) -> int:
     """As many workers as before if the cluster still has room for them, else as many as fit (any count gives
     the same image up to rounding), but never more than every remaining stage can be split into."""
-    count = max(1, min(before, executor_class(request).ranks_that_fit(request, before)))
+    spec = ExecutorSpec.of(request)
+    count = max(1, min(before, executor_class(spec).ranks_that_fit(spec, before)))
     while count > 1:
         try:
             check_shardable(geometry, job.stages[job.first :], job.config, count)
@@ -73,3 +77,8 @@ def workers_for_restart(request: RenderRequest, geometry: ModelGeometry, job: St
         except RenderError:
             count -= 1
     return count
+
+
+def restart_plan(request: RenderRequest, geometry: ModelGeometry) -> RenderPlan:
+    """The plan of the rebuilt gang, for its workers' memory check: fewer workers hold larger strips."""
+    return plan_render(request, geometry, model_shape(request.model))

@@ -17,6 +17,7 @@ from renderer.cascade.stages import sample_latents, unscaled
 from renderer.parallel import ops
 from renderer.parallel.banded_vae import BandedVAE, band_rows
 from renderer.parallel.strips import RowGroup, Span, StripLayout
+from renderer.plan.geometry import vae_scale_of
 from renderer.vae.bands import VAE_MODES, decode_tiled, encode_tile_grid, encode_tiled, tile_grid
 
 
@@ -38,7 +39,7 @@ def decoded_bands(vae, rows: RowGroup, z: torch.Tensor, mode: str) -> Iterator[t
 
     `tiled` in a group of one streams diffusers' tile rows; on a strip it decodes the tile rows whose finished
     rows meet the strip, plus the tile row above for its blend, from the latent rows they cover."""
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = vae_scale_of(vae.config.block_out_channels)
     if mode == "exact":
         yield from banded(vae, rows, z.shape[3] * scale).decode(z)
         return
