@@ -122,3 +122,42 @@ def test_posters_with_their_own_names_are_not_refused(tmp_path, monkeypatch):
     lines = [{"prompt": "p", "stages": "256x256", "out": out, "preview": True, "save-stages": True} for out in ("a.tif", "a.png")]
     lines.append({"prompt": "p", "stages": "256x256", "out": "a.mp4", "model": "tiny-video", "frames": 2, "save-stages": True})
     assert [poster.line for poster in read_batch(write_batch(tmp_path / "b.jsonl", lines), [])] == [1, 2, 3]
+
+
+def test_the_sorted_sweep_finds_the_collision_that_comparing_every_pair_finds(tmp_path):
+    """Batches of names built to collide in every way (a name that is another's preview, stage images or
+    checkpoint folder; one file under two spellings): the sweep names the same pair as the plain pairwise check."""
+    import random
+    from types import SimpleNamespace
+
+    from renderer.output.collisions import claims, check_collisions
+    from renderer.plan.request import RenderRequest
+
+    def pairwise(posters) -> str | None:
+        for index, poster in enumerate(posters):
+            for earlier in posters[:index]:
+                for theirs in claims(earlier.request):
+                    if any(claim.overlaps(theirs) for claim in claims(poster.request)):
+                        return f"line {poster.line}: "
+        return None
+
+    stems = ["a.tif", "a.tif.preview.png", "a.tif.checkpoints.png", "a.tif.stage0.png", "a.tif.checkpoints/x.tif", "b.tif",
+             "b.png", "./a.tif", "c.tif", "c.tif.checkpoints.tif", "d.tif"]
+    (tmp_path / "a.tif.checkpoints").mkdir()
+    rng = random.Random(33)
+    seen = set()
+    for trial in range(300):
+        names = rng.sample(stems, rng.randint(2, 5))
+        posters = [SimpleNamespace(line=line + 1, request=RenderRequest(
+            prompt="p", size=(256, 256), out=tmp_path / name, preview=rng.random() < 0.5, save_stages=rng.random() < 0.5))
+            for line, name in enumerate(names)]
+        expected = pairwise(posters)
+        try:
+            check_collisions(posters, "b.jsonl")
+            found = None
+        except RenderError as error:
+            found = str(error)
+        seen.add(expected is not None)
+        assert (found is None) == (expected is None), (names, found, expected)
+        assert found is None or f"b.jsonl {expected}" in found, (names, found, expected)
+    assert seen == {True, False}

@@ -48,7 +48,7 @@ class InProcessExecutor(Executor):
         yield Report(progress, on_checkpoint, self.metrics)
 
     def written(self) -> None:
-        self.metrics.peak_memory(0, *self.worker.peak())
+        self.metrics.peak_memory(0, *self.collective("peak")[0])
 
 
 class Executors:
