@@ -23,7 +23,8 @@ from renderer.cli import main
 from renderer.cli.inspect import describe
 from renderer.errors import RenderError
 from renderer.models import load_pipeline
-from renderer.output.clip_files import frames_path, mp4_size, preview_path
+from renderer.output.clip_files import frames_path, mp4_size
+from renderer.output.files import preview_path
 from renderer.output.files import sidecar_path
 from test_resume import StopAt, Stopped, checkpoints, run_cli, wait_for
 
@@ -48,7 +49,7 @@ def test_a_clip_gives_an_mp4_lossless_frames_a_preview_and_a_sidecar(video_pipel
     assert np.array_equal(tifffile.imread(frames_path(out)), result.image)  # the written frames are the rendered ones
     report = describe(frames_path(out))  # `freescale-render inspect`: every tile of every frame decodes
     assert report["frames"] == 2 and report["tiles_checked"] == 2 and report["parameters"]["render_id"]
-    with Image.open(preview_path(out)) as preview:
+    with Image.open(preview_path(out, clip=True)) as preview:
         assert preview.n_frames == 2 and max(preview.size) == 256
     with Image.open(tmp_path / "clip.mp4.stage0-256x256.gif") as stage:  # --save-stages: the base stage's frames
         assert stage.n_frames == 2 and stage.size == (256, 256)

@@ -201,3 +201,28 @@ def test_render_id_follows_the_pixels_not_where_or_how_they_are_written(tmp_path
         assert render_id(request.with_(**changed), list(STAGES[:2]), "float32", "cpu") != same, changed
     assert render_id(request, list(STAGES[:2]), "float16", "cpu") != same
     assert render_id(request, list(STAGES[:2]), "float32", "cuda") != same
+
+
+def test_the_code_version_follows_the_code_of_the_pixels_not_the_help_text(tmp_path):
+    """A farm's checkpoints stay valid through an edit of the CLI's help or the console, and are refused after an
+    edit of the method or the stage loop (`renderer.plan.identity.code_digest` over a copy of the sources)."""
+    import shutil
+
+    from renderer.plan.identity import ROOT, code_digest
+
+    for package in ("freescale_core", "renderer", "cluster"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    before = code_digest(tmp_path)
+    assert before == code_digest(ROOT)
+    for unchanged in ("renderer/cli/options.py", "renderer/cli/console.py", "renderer/metrics/recorder.py",
+                      "renderer/toy/train.py", "cluster/gang.py", "renderer/plan/preflight.py"):
+        source = tmp_path / unchanged
+        source.write_text(source.read_text().replace('"""', '"""Edited. ', 1))
+        assert code_digest(tmp_path) == before, unchanged
+    for changed in ("freescale_core/attention.py", "renderer/cascade/stage_loop.py", "renderer/parallel/ops.py",
+                    "renderer/vae/bands.py", "renderer/engine.py"):
+        source = tmp_path / changed
+        text = source.read_text()
+        source.write_text(text + "\n# edited\n")
+        assert code_digest(tmp_path) != before, changed
+        source.write_text(text)

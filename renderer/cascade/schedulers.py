@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from freescale_core.rng import normal
-from renderer.errors import RenderError
+from renderer.errors import RenderError, first_line
 
 # The schedulers --scheduler takes: every one is tested in one process and on a gang (tests/test_schedulers.py).
 SUPPORTED = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
@@ -99,7 +99,7 @@ def build(config, model_class: type | None, choice: SchedulerChoice | None, step
     except (ValueError, TypeError, NotImplementedError, AttributeError) as error:
         settings = " ".join(f"{key}={value}" for key, value in options.items())
         raise RenderError(f"--scheduler {cls.__name__}{' ' + settings if settings else ''} with --steps {steps}: "
-                          f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
+                          f"{first_line(error)}") from None
     return scheduler
 
 

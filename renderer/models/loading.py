@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from freescale_core import FreeScaleConfig
-from renderer.errors import RenderError
+from renderer.errors import RenderError, first_line
 from renderer.models.builtin import SDXL, TINY, TOY_WEIGHTS, VIDEO_MODELS, build_random_pipeline, image_model
 from renderer.models.lora import Lora, fuse_loras
 from renderer.models.motion import add_motion
@@ -116,9 +116,9 @@ def _checked(model: str, load):
     except RenderError:
         raise
     except Exception as error:  # diffusers raises many types; the user needs one line
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        advice = f" {CONVERT}" if "safetensors" in first_line.lower() else ""
-        raise RenderError(f"--model {model} could not be loaded: {first_line}{advice}") from error
+        said = first_line(error)
+        advice = f" {CONVERT}" if "safetensors" in said.lower() else ""
+        raise RenderError(f"--model {model} could not be loaded: {said}{advice}") from error
 
 
 def _load_single_file(path: Path, model_config: str | None) -> StableDiffusionXLPipeline:

@@ -14,7 +14,7 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
-from renderer.errors import RenderError
+from renderer.errors import RenderError, first_line
 
 Lora = tuple[str, float]  # (path, scale)
 DOWN_KEYS = ("lora_A.", "lora.down.", "lora_linear_layer.down.")  # one per LoRA layer, in diffusers' layouts
@@ -76,8 +76,7 @@ def fuse_loras(pipeline, loras: tuple[Lora, ...], model: str) -> None:
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
                 pipeline.load_lora_weights(path, adapter_name=name)
         except (ValueError, KeyError, RuntimeError, IndexError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise RenderError(f"--lora {path}: its keys do not match --model {model} ({first[:300]})") from None
+            raise RenderError(f"--lora {path}: its keys do not match --model {model} ({first_line(error)[:300]})") from None
         loaded = sum(1 for component in _components(pipeline) for module in component.modules()
                      if name in getattr(module, "lora_A", {}))
         if loaded != expected:

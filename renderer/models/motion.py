@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import MotionAdapter, UNetMotionModel
 
-from renderer.errors import RenderError
+from renderer.errors import RenderError, first_line
 from renderer.models.builtin import SHIPPED_ADAPTERS, VIDEO_MODELS, build_random_motion_adapter
 
 def adapter_config(model: str, motion_adapter: str | None) -> dict | None:
@@ -58,8 +58,7 @@ def add_motion(pipeline, model: str, motion_adapter: str | None):
         try:
             adapter = MotionAdapter.from_pretrained(motion_adapter, use_safetensors=True)
         except Exception as error:  # diffusers raises many types; the user needs one line
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise RenderError(f"--motion-adapter {motion_adapter} could not be loaded: {first_line}") from error
+            raise RenderError(f"--motion-adapter {motion_adapter} could not be loaded: {first_line(error)}") from error
     check_adapter(adapter.config, pipeline.unet.config.block_out_channels, 1, name)
     pipeline.unet = motion_unet(pipeline.unet, adapter, model)
     return pipeline

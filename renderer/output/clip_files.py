@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from renderer.memory import peak_memory
-from renderer.output.files import atomic_path, beside, sidecar_path, stage_path, write_json
+from renderer.output.files import atomic_path, beside, preview_path, sidecar_path, stage_path, write_json
 
 log = logging.getLogger("freescale_poster")
 
@@ -35,10 +35,6 @@ PREVIEW_SIDE = 256
 
 def frames_path(out: Path) -> Path:
     return beside(out, ".frames.tif")
-
-
-def preview_path(out: Path) -> Path:
-    return beside(out, ".preview.gif")
 
 
 def mp4_size(width: int, height: int) -> tuple[int, int]:
@@ -115,7 +111,7 @@ def write_clip(request, result, bands: Iterable[np.ndarray], started: float, dev
         log.warning("%s: H.264 takes at most %d pixels a side and %d a frame; the MP4 is %dx%d, %s keeps %dx%d",
                     out, H264_MAX_SIDE, H264_MAX_SAMPLES, *size, frames_path(out).name, width, height)
     result.metadata["clip"] = {"frames": request.frames, "fps": request.fps, "crf": request.crf, "mp4_size": list(size),
-                               "frames_tiff": frames_path(out).name, "preview": preview_path(out).name}
+                               "frames_tiff": frames_path(out).name, "preview": preview_path(out, clip=True).name}
     thumbnails = []
     tile = (request.tile_size, request.tile_size)
     with (atomic_path(frames_path(out)) as tiff_file, atomic_path(out) as mp4_file, tifffile.TiffWriter(tiff_file) as tiff,
@@ -128,11 +124,11 @@ def write_clip(request, result, bands: Iterable[np.ndarray], started: float, dev
                        software="freescale-poster")
             mp4.add(frame)
             thumbnails.append(preview_frame(frame))
-    write_animation(preview_path(out), thumbnails, request.fps)
+    write_animation(preview_path(out, clip=True), thumbnails, request.fps)
     result.metadata["seconds"]["total"] = time.perf_counter() - started
     result.metadata["peak_bytes"] = peak_memory(device)
     write_json(sidecar_path(out), result.metadata)
-    return [*written, frames_path(out), out, preview_path(out), sidecar_path(out)]
+    return [*written, frames_path(out), out, preview_path(out, clip=True), sidecar_path(out)]
 
 
 def preview_frame(pixels: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from renderer.errors import RenderError
-from renderer.output.clip_files import frames_path, preview_path as clip_preview_path
+from renderer.output.clip_files import frames_path
 from renderer.output.files import beside, preview_path, sidecar_path
 
 
@@ -48,7 +48,7 @@ def claims(request) -> list[Claim]:
     out = Path(request.out)
     found = [Claim("out", resolved(out)), Claim("sidecar", resolved(sidecar_path(out)))]
     if request.frames > 1:
-        found += [Claim("frames TIFF", resolved(frames_path(out))), Claim("preview", resolved(clip_preview_path(out)))]
+        found += [Claim("frames TIFF", resolved(frames_path(out))), Claim("preview", resolved(preview_path(out, clip=True)))]
     elif request.preview and out.suffix.lower() != ".png":
         found.append(Claim("preview", resolved(preview_path(out))))
     if request.save_stages:

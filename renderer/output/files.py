@@ -56,9 +56,9 @@ def sidecar_path(out: Path) -> Path:
     return beside(out, ".json")
 
 
-def preview_path(out: Path) -> Path:
-    """A poster's PNG preview (a clip's is `renderer.output.clip_files.preview_path`)."""
-    return beside(out, ".preview.png")
+def preview_path(out: Path, clip: bool = False) -> Path:
+    """The output's preview: a poster's PNG, a clip's animated GIF."""
+    return beside(out, ".preview.gif" if clip else ".preview.png")
 
 
 def stage_path(out: Path, index: int, size: tuple[int, int], extension: str = ".png") -> Path:

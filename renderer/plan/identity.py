@@ -15,25 +15,39 @@ from renderer.plan.geometry import Size, format_size
 from renderer.plan.input_image import effective_strength, shown_size, strength_restart
 from renderer.plan.request import RenderRequest
 
-PACKAGES = ("freescale_core", "renderer", "cluster")
 # Options that change where or how things run, or what is written beside the pixels, but not the pixels.
 NOT_PIXELS = {
     "out", "save_stages", "preview", "compression", "dpi", "tile_size", "workers", "address", "gpus_per_worker",
     "shard_from", "cfg_split", "checkpoint_dir", "resume", "keep_checkpoints", "checkpoint_every_steps", "checkpoint_every_minutes",
-    "max_restarts", "collective_timeout_s", "queue_timeout_s", "metrics_port", "metrics_addr", "metrics_linger_s", "model", "image",
-    "mask", "device", "dtype", "loras",
+    "max_restarts", "collective_timeout_s", "queue_timeout_s", "metrics_port", "metrics_addr", "metrics_linger_s",
 }
+# Options that change the pixels through what they name, so the id holds that instead of the name: the model's
+# files, the pictures' digests, the LoRAs' digests, and the device type and dtype the ranks resolved them to.
+BY_WHAT_THEY_NAME = {"model", "image", "mask", "device", "dtype", "loras"}
+# The code whose edits can change a render's pixels or its checkpoints' meaning (paths under the repository's
+# root). The CLI's help, the console, metrics, file writing, the executors' transport and the toy's training are
+# not in it, so editing those keeps every checkpoint of a farm valid.
+PIXEL_CODE = (
+    "freescale_core", "renderer/cascade", "renderer/parallel", "renderer/vae", "renderer/models", "renderer/engine.py",
+    "renderer/plan/geometry.py", "renderer/plan/identity.py", "renderer/plan/input_image.py", "renderer/plan/input_mask.py",
+    "renderer/plan/render_plan.py", "renderer/plan/request.py", "renderer/resume/checkpoints.py",
+)
+ROOT = Path(freescale_core.__file__).resolve().parent.parent
 
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """A digest of the Python sources of the three packages (any edit is a new version)."""
+    return code_digest(ROOT)
+
+
+def code_digest(root: Path) -> str:
+    """A digest of the Python sources of `PIXEL_CODE` under `root` (any edit there is a new version)."""
     digest = hashlib.sha256()
-    root = Path(freescale_core.__file__).resolve().parent.parent
-    for package in PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(path.read_bytes())
+    for part in PIXEL_CODE:
+        path = root / part
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(source.relative_to(root)).encode())
+            digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -56,7 +70,7 @@ def model_identity(model: str) -> dict:
 def render_id(request: RenderRequest, stages: list[Size], dtype: str, device_type: str) -> str:
     """24 hex digits from the prompt, seed, model, its LoRAs (digest and scale), the scheduler, plan, every method
     option, inputs, precision and code."""
-    fields = {key: value for key, value in asdict(request).items() if key not in NOT_PIXELS}
+    fields = {key: value for key, value in asdict(request).items() if key not in NOT_PIXELS | BY_WHAT_THEY_NAME}
     identity = {
         "request": fields, "stages": [list(size) for size in stages], "model": model_identity(request.model),
         "image": file_digest(request.image), "mask": file_digest(request.mask), "dtype": dtype,

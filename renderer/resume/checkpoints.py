@@ -22,10 +22,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from renderer.output.files import atomic_path
+from renderer.parallel.strips import Span
 
 log = logging.getLogger("freescale_poster")
-
-Span = tuple[int, int]
 
 
 @dataclass
