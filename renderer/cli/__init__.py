@@ -1,13 +1,17 @@
 """`freescale-render`: render a poster, `freescale-render batch FILE` many, or `freescale-render inspect FILE` to
-check an output."""
+check an output.
+
+The command is the first word, read here rather than by argparse's subparsers: a batch's words after FILE are
+every poster's render options, parsed per line by the render parser (`renderer.cli.batch`), and a subparser
+cannot pass on words that begin with `-` unparsed (argparse.REMAINDER refuses them there); and the bare form,
+`freescale-render --prompt ...`, is the render command without its word."""
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 
-from renderer.cli.options import build_parser, request_from_args
+from renderer.cli.options import OneLineParser, build_parser, request_from_args
 from renderer.errors import RenderError
 from renderer.plan.geometry import format_size
 from renderer.plan.request import RenderRequest
@@ -15,10 +19,10 @@ from renderer.plan.request import RenderRequest
 COMMANDS = ("batch", "inspect")
 
 
-def check_command_first(argv: list[str], parser: argparse.ArgumentParser) -> None:
+def check_command_first(argv: list[str], parser: OneLineParser) -> None:
     """`freescale-render --model toy batch FILE`: a command word after options (never an option's value) is refused
     with the command line that works, its word and file first."""
-    takes_value = {name for action in parser._actions if action.nargs != 0 for name in action.option_strings}
+    takes_value = {name for action in parser.options if action.nargs != 0 for name in action.option_strings}
     for index, word in enumerate(argv):
         if word in COMMANDS and index and argv[index - 1] not in takes_value:
             works = ["freescale-render", word, *argv[index + 1 : index + 2], *argv[:index], *argv[index + 2 :]]

@@ -12,7 +12,6 @@ from its checkpoints. The summary (JSON Lines) says per poster what happened.
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import json
 import logging
@@ -56,7 +55,7 @@ def read_batch(path: Path, defaults: list[str]) -> list[Poster]:
     from renderer.plan.preflight import preflight
 
     parser = build_parser()
-    options = {action.dest: action for action in parser._actions if action.option_strings and action.dest not in NOT_PER_POSTER}
+    options = {action.dest: action for action in parser.options if action.dest not in NOT_PER_POSTER}
     text = batch_text(path)
     posters: list[Poster] = []
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit inside a prompt
@@ -77,7 +76,7 @@ def read_batch(path: Path, defaults: list[str]) -> list[Poster]:
             if action is None:
                 raise RenderError(f"{where}: unknown field {key!r}; the fields are the CLI's options: "
                                   f"{', '.join(sorted(name.replace('_', '-') for name in options))}")
-            argv += option_words(action, value, where, key)
+            argv += option_words(action, value, where, key, action.dest in parser.repeatable)
             if action.nargs == 0 and value is False:
                 switched_off.append(action.dest)
         try:
@@ -128,11 +127,12 @@ def not_one_object_a_line(text: str, path: Path) -> RenderError | None:
     return None
 
 
-def option_words(action, value, where: str, key: str) -> list[str]:
+def option_words(action, value, where: str, key: str, repeatable: bool = False) -> list[str]:
     """The command-line words of one field: a flag for `true`, nothing for `false`, else `--option=value`, so that
-    a value beginning with `-` (a negative prompt `-text, -watermark`) stays a value."""
+    a value beginning with `-` (a negative prompt `-text, -watermark`) stays a value; a list, for a `repeatable`
+    option, one `--option=value` per item."""
     option = max(action.option_strings, key=len)
-    if isinstance(value, list) and isinstance(action, argparse._AppendAction):  # a repeatable option: one word per item
+    if isinstance(value, list) and repeatable:  # a repeatable option: one word per item
         return [word for item in value for word in option_words(action, item, where, key)]
     if action.nargs == 0:
         if not isinstance(value, bool):

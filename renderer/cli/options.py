@@ -17,7 +17,22 @@ from renderer.vae.bands import VAE_MODES
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is a `RenderError` (one line), not usage text and exit."""
+    """argparse, but a bad argument is a `RenderError` (one line), not usage text and exit; and it keeps every
+    option it was given (`options`, with those that may repeat in `repeatable`), which the batch reader and the
+    command-word check read instead of argparse's private lists."""
+
+    def __init__(self, *args, **kwargs):
+        self.options: list[argparse.Action] = []  # before argparse's own __init__, which adds --help
+        self.repeatable: set[str] = set()  # dests of options given once per value (action="append")
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings:
+            self.options.append(action)
+        if kwargs.get("action") == "append":
+            self.repeatable.add(action.dest)
+        return action
 
     def error(self, message: str):
         raise RenderError(f"{message}; see --help")
