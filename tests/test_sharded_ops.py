@@ -56,3 +56,45 @@ def test_every_reported_check_is_asserted(reported):
 def test_inputs_expose_a_missing_between_strip_term(reported):
     """The structured inputs make strip-local GroupNorm statistics visibly wrong (randn inputs would not)."""
     assert min(rank_errors["group norm from one strip's statistics (must differ)"] for rank_errors in reported) > 0.05
+
+
+def rank_with_a_hooked_model(rank: int, world: int) -> dict:
+    """A conv and a GroupNorm, the conv carrying a diffusers hook of its own (one that counts its calls, as an
+    offloading or casting hook would act on each), run whole, then on this rank's strip, then whole again."""
+    import torch
+    from diffusers.hooks import HookRegistry, ModelHook
+    from torch import nn
+
+    from renderer.parallel.sharding import sharding
+    from renderer.parallel.strips import RowGroup, StripLayout
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(module)
+            return args, kwargs
+
+    calls: list = []
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.GroupNorm(2, 8)).double()
+    HookRegistry.check_if_exists_or_initialize(model[0]).register_hook(Counting(), "counting")
+    ramp = torch.linspace(-1, 1, 24, dtype=torch.float64)
+    x = (ramp[:, None] * ramp[None, :16] + torch.randn(4, 24, 16, dtype=torch.float64))[None]  # rows differ
+    whole = model(x)
+    rows = RowGroup(StripLayout((0, 8, 24)))
+    start, stop = rows.span
+    with sharding(model, rows):
+        strip = model(x[:, :, start:stop])
+    after = model(x)
+    return {"strip error": float((strip - whole[:, :, start:stop]).abs().max() / whole.abs().max()), "calls": len(calls),
+            "after equals before": bool(torch.equal(after, whole)),
+            "own hook kept": "counting" in model[0]._diffusers_hook.hooks,
+            "others untouched": not hasattr(model[1], "_diffusers_hook") and "forward" not in vars(model[1])}
+
+
+def test_sharding_keeps_the_hooks_a_module_already_has():
+    """Through diffusers' hook registry a module's own hook survives `sharding` (a forward swapped by hand and
+    deleted on exit took it with it), and every other module is left as it was."""
+    for report in run_ranks(2, rank_with_a_hooked_model, timeout_s=300):
+        assert report["strip error"] <= EXACT, report
+        assert report["calls"] == 2 and report["after equals before"] and report["own hook kept"], report
+        assert report["others untouched"], report

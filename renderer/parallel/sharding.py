@@ -1,8 +1,10 @@
 """Run an unmodified diffusers UNet on a row strip: `with sharding(unet, rows): unet(strip)`.
 
 Inside the context every module that reaches across rows is redirected to its exchanging version in
-`renderer.parallel.ops`: 3×3 convs (plain, dilated, strided, after nearest upsampling), GroupNorms and every
-self-attention. (The VAE runs in bands instead: `renderer.parallel.banded_vae`.) FreeScale's own cross-strip
+`renderer.parallel.ops`: 3×3 convs (plain, dilated, strided, after nearest upsampling) and GroupNorms through
+diffusers' own hook registry (`diffusers.hooks`, as its context parallelism does), so that hooks a module already
+carries (offloading, layerwise casting) are kept and come back on exit; every self-attention through its
+attention processor. (The VAE runs in bands instead: `renderer.parallel.banded_vae`.) FreeScale's own cross-strip
 operations (scale fusion's windows, global attention and blur; FreeU's Fourier filter) come in through
 `sharded_backend`, which `freescale_mode` installs per call like the single-process processors.
 """
@@ -11,10 +13,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
@@ -152,6 +155,37 @@ def sharded_backend(rows: RowGroup) -> Backend:
     )
 
 
+HOOK = "freescale_strip"  # the name of our hook in a module's diffusers HookRegistry
+
+
+class StripHook(ModelHook):
+    """A module's forward on this rank's strip: its exchanging version in `renderer.parallel.ops`."""
+
+    def __init__(self, op: Callable, rows: RowGroup):
+        super().__init__()
+        self.op, self.rows = op, rows
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        return self.op(self.rows, module, *args, **kwargs)
+
+
+def hook(module: nn.Module, op: Callable, rows: RowGroup) -> Callable[[], None]:
+    """Put `op` in place of the module's forward through diffusers' hook registry, on top of any hook it already
+    has (offloading, layerwise casting); the function that removes it and leaves the module as it was."""
+    had_registry, had_forward = hasattr(module, "_diffusers_hook"), "forward" in vars(module)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(StripHook(op, rows), HOOK)
+
+    def remove() -> None:
+        registry.remove_hook(HOOK, recurse=False)
+        if not had_forward:  # the registry puts the bound forward back as an attribute: the class's again
+            vars(module).pop("forward", None)
+        if not had_registry:
+            del module._diffusers_hook
+
+    return remove
+
+
 @contextmanager
 def sharding(model: nn.Module, rows: RowGroup) -> Iterator[None]:
     """Make `model` (a UNet or any part) compute on this rank's strip; restored exactly on exit.
@@ -160,25 +194,21 @@ def sharding(model: nn.Module, rows: RowGroup) -> Iterator[None]:
     if rows.world == 1:
         yield
         return
-    patched: list[nn.Module] = []
+    removals: list[Callable[[], None]] = []
     processors: dict[Attention, object] = {}
     temporal = temporal_modules(model)  # a motion UNet's attention along the frames at each pixel: row-local
     try:
         for module in model.modules():
             if isinstance(module, nn.Conv2d) and (module.kernel_size[0] > 1 or module.stride[0] > 1):
-                module.forward = partial(ops.conv, rows, module)
+                removals.append(hook(module, ops.conv, rows))
             elif isinstance(module, nn.GroupNorm):
-                module.forward = partial(ops.group_norm, rows, module)
+                removals.append(hook(module, ops.group_norm, rows))
             elif isinstance(module, Attention) and not module.is_cross_attention and module not in temporal:
                 processors[module] = module.processor
                 module.processor = ShardedSelfAttention(rows)
-                continue
-            else:
-                continue
-            patched.append(module)
         yield
     finally:
-        for module in patched:
-            del module.forward
+        for remove in reversed(removals):
+            remove()
         for module, processor in processors.items():
             module.processor = processor
