@@ -23,7 +23,7 @@ from renderer.parallel.sharding import sharded_backend, sharding
 from renderer.parallel.strips import RowGroup, plan_strips
 from freescale_core import FreeScaleConfig, freescale_mode
 from renderer import RenderRequest, render
-from renderer.cascade.stage_loop import Prompt, StageJob
+from renderer.messages import Prompt, StageJob
 from renderer.cascade.worker import Worker
 from renderer.models import load_pipeline
 

@@ -21,11 +21,11 @@ import torch
 
 from cluster.placement import bundle_for, connect, workers_that_fit
 from cluster.queue import wait_for_gang
-from renderer.cascade.stage_loop import CheckpointSink, StageJob
-from renderer.cascade.worker import ModelInfo, RankResult, Report, Worker
+from renderer.cascade.worker import Report, Worker
 from renderer.errors import RenderError, WorkerLost
 from renderer.executor.base import Executor
 from renderer.executor.spec import ExecutorSpec
+from renderer.messages import CheckpointSink, ModelInfo, RankResult, StageJob
 from renderer.metrics.recorder import NULL_METRICS, RenderMetrics
 from renderer.progress import Progress
 

@@ -19,12 +19,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from renderer.cascade.stage_loop import Prompt, StageJob
 from renderer.errors import RenderError
-from renderer.executor.base import Executor, Outcome
+from renderer.executor.base import Executor
 from renderer.executor.pool import Executors, executor_class
 from renderer.executor.spec import ExecutorSpec
 from renderer.jobs import submission_id
+from renderer.messages import Outcome, Prompt, StageJob
 from renderer.metrics.recorder import NULL_METRICS, RenderMetrics, metrics_for
 from renderer.models import model_geometry
 from renderer.models.lora import lora_identity

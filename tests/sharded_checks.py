@@ -269,7 +269,7 @@ def run_all(rank: int, world: int) -> Errors:
 def split_stage_job(pipeline):
     """A 256 -> 512 stage of the tiny model with a region mask and a checkpoint after every step: the job both
     the guidance-split gang and the single process run."""
-    from renderer.cascade.stage_loop import StageJob
+    from renderer.messages import StageJob
     from renderer.cascade.stages import encode_prompts
 
     cond = encode_prompts(pipeline, "a red kite", "blurry", (256, 256), guidance=7.5)

@@ -113,7 +113,7 @@ def test_a_kohya_layout_file_fuses_to_the_same_weights(loras):
 
 
 def rank_lora_render(rank: int, world: int, loras: tuple) -> np.ndarray:
-    from renderer.cascade.stage_loop import Prompt, StageJob
+    from renderer.messages import Prompt, StageJob
     from renderer.cascade.worker import Worker
     from freescale_core import FreeScaleConfig
 

@@ -14,7 +14,7 @@ import torch
 from cluster.spawn import run_ranks
 from freescale_core import FreeScaleConfig
 from renderer.cascade.schedulers import SUPPORTED, SchedulerChoice, build, noised, parse_options
-from renderer.cascade.stage_loop import Prompt, StageJob
+from renderer.messages import Prompt, StageJob
 from renderer.cascade.worker import Worker
 from renderer.cli import main
 from renderer.models.builtin import sdxl_scheduler

@@ -14,17 +14,16 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import numpy as np
 import torch
 
 from freescale_core import FreeScaleConfig
 from freescale_core.cascade import restart_index, scale_factors
-from renderer.cascade.schedulers import SchedulerChoice
 from renderer.cascade.stages import Conditioning, generate_base, upscale_stage
+from renderer.messages import CheckpointSink, StageJob
 from renderer.metrics.recorder import NULL_METRICS, RenderMetrics
 from renderer.models import model_geometry
 from renderer.parallel.guidance import GuidanceSplit, guidance_split
@@ -32,58 +31,12 @@ from renderer.parallel.sharding import sharded_backend, sharding
 from renderer.parallel.strips import RowGroup, StripLayout, plan_strips, received_bytes
 from renderer.plan.geometry import ModelGeometry
 from renderer.plan.input_mask import mask_at
-from renderer.plan.request import guided
 from renderer.progress import Progress
 from renderer.resume.checkpoints import Cadence
 from renderer.vae.bands import to_pixels
 from renderer.vae.strip import decode_strip, encode_rows, stage_reference
 
 STRIP_UNIT = 8  # latent rows: whole rows at the UNet's ¼ grid, even rows at its ½ grid (design §A.1)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """What the text encoders turn into a `Conditioning`, on the rank that runs the stages."""
-
-    text: str
-    negative: str
-    guidance: float
-
-
-@dataclass
-class StageJob:
-    """Stages `first`..`last - 1` of a render, for one process (a group of one) or every rank of a gang.
-
-    Everything the ranks need is sent once: no per-step traffic passes through the driver."""
-
-    cond: Conditioning | None  # on the CPU; None: the rank encodes `prompt`
-    latents: torch.Tensor  # (frames, 4, h, w) whole, on the CPU: stage `first - 1`'s, or stage `first`'s at `resume_step`
-    stages: list[tuple[int, int]]  # (width, height) of every stage, base first
-    first: int  # index of the first stage to run
-    last: int  # one past the last stage to run
-    steps: int
-    config: FreeScaleConfig
-    transition_modes: list[str]  # VAE mode of the decode before each stage 1.. (index 0: before stage 1)
-    final_mode: str
-    mask: torch.Tensor | None = None  # (1, 1, h, w) at the base size
-    save_stages: bool = False
-    resume_step: int | None = None  # stage `first` continues from this schedule index ...
-    reference: torch.Tensor | None = None  # ... with its ẑ₀ (whole, CPU)
-    checkpoint_steps: int = 0  # inside a stage: checkpoint every this many steps (0: not by count) ...
-    checkpoint_seconds: float = math.inf  # ... or this many seconds
-    cfg_split: bool = False  # an even gang splits classifier-free guidance between its halves (`renderer.parallel.guidance`)
-    prompt: Prompt | None = None  # encoded by the rank when `cond` is None
-    initial: torch.Tensor | None = None  # (1, 3, H, W) in [-1, 1] at the base size: the base stage encodes it (--image)
-    first_restart: int | None = None  # schedule index stage 1 restarts at (--image's --strength); None: as every stage
-    first_sharded: int | None = None  # stages before it run on rank 0 alone (None: every stage on every rank)
-    stage_ends: dict[int, torch.Tensor] = field(default_factory=dict)  # with save_stages: latents of stages not run, to decode
-    frames: int = 1  # a clip's frames: the latents' batch, denoised together by a motion UNet
-    scheduler: SchedulerChoice | None = None  # --scheduler and its options (None: the model's own)
-
-    @property
-    def guided(self) -> bool:
-        """Both guidance branches run (guidance above 1); else the conditional one alone, and nothing to split."""
-        return guided(self.cond.guidance if self.cond is not None else self.prompt.guidance)
 
 
 @dataclass
@@ -95,11 +48,6 @@ class StageRun:
     stage_pixels: dict[int, np.ndarray]  # with save_stages: its rows of each stage image decoded at a transition
     seconds: dict[int, float]  # per stage run
     step_bytes: dict[int, dict[str, int]]  # bytes received per denoising step, per stage run
-
-
-# Called with (stage, steps done, latent rows, latents strip, reference strip or None): hands a checkpoint's
-# rows to whoever writes it.
-CheckpointSink = Callable[[int, int, tuple[int, int], torch.Tensor, "torch.Tensor | None"], None]
 
 
 def strip_unit(config: FreeScaleConfig, size: tuple[int, int], train_px: int) -> int:

@@ -17,36 +17,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from renderer.cascade.stage_loop import CheckpointSink, StageJob, StageRun, previous_image, run_stages
+from renderer.cascade.stage_loop import StageRun, previous_image, run_stages
 from renderer.cascade.stages import encode_prompts, unscaled
 from renderer.memory import available_memory, memory_limit, peak_memory
+from renderer.messages import CheckpointSink, ModelInfo, RankResult, StageJob
 from renderer.metrics.recorder import NULL_METRICS, RenderMetrics
 from renderer.models import load_pipeline, model_geometry
 from renderer.models.lora import Lora, fuse_loras
 from renderer.models.motion import max_frames
 from renderer.parallel.strips import RowGroup, hand_over, init_process_group
-from renderer.plan.geometry import ModelGeometry
 from renderer.plan.input_image import conditioning_size
 from renderer.progress import Progress
 from renderer.vae.bands import to_pixels
 from renderer.vae.strip import decoded_bands
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver plans with, asked of a rank that loaded the model (the driver loads none)."""
-
-    geometry: ModelGeometry
-    latent_channels: int
-    vae_width: int  # channels of the VAE's full-resolution level
-    dtype: str  # the UNet's and text encoders' ("float16", "float32", ...)
-    vae_dtype: str
-    device: str  # "cpu" or "cuda"
-    max_frames: int = 0  # frames a motion UNet attends over at once; 0: an image model
-
-    @property
-    def vae_itemsize(self) -> int:
-        return torch.finfo(getattr(torch, self.vae_dtype)).bits // 8
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -66,19 +49,6 @@ def model_info(pipeline) -> ModelInfo:
         vae_width=pipeline.vae.config.block_out_channels[0], dtype=dtype_name(pipeline.unet.dtype),
         vae_dtype=dtype_name(pipeline.vae.dtype), device=pipeline.unet.device.type, max_frames=max_frames(pipeline.unet),
     )
-
-
-@dataclass
-class RankResult:
-    """One rank's rows of what a render returns (its final pixels are taken apart, with `final_rows`)."""
-
-    rank: int
-    rows: tuple[int, int]  # its latent rows of the final stage
-    latents: torch.Tensor  # its rows of the final latents (fp32, CPU)
-    stage_pixels: dict[int, np.ndarray]  # with save_stages: its rows of stage images (rank 0: whole ones it ran alone)
-    seconds: dict[int, float]  # per stage it ran
-    step_bytes: dict[int, dict[str, int]]  # per stage it ran: bytes received per step, by kind
-    peak_bytes: int = 0
 
 
 @dataclass

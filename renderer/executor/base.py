@@ -8,43 +8,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
-import torch
 
-from renderer.cascade.stage_loop import CheckpointSink, StageJob
-from renderer.cascade.worker import ModelInfo, RankResult
+from renderer.messages import CheckpointSink, ModelInfo, Outcome, StageJob
 from renderer.executor.spec import ExecutorSpec
 from renderer.metrics.recorder import NULL_METRICS, RenderMetrics
 from renderer.progress import Progress
-
-
-@dataclass
-class Outcome:
-    """What a job's run gives the driver: its ranks' results put together."""
-
-    latents: torch.Tensor  # the final latents, whole (small: a 16K latent is 64 MiB in fp32)
-    stage_images: dict[int, np.ndarray]  # with save_stages: the images of the stages decoded on the ranks
-    stage_seconds: dict[int, float]  # per stage run, the slowest rank's
-    ranks: list[RankResult]
-
-    @classmethod
-    def of(cls, results: list[RankResult]) -> "Outcome":
-        stages = sorted({stage for result in results for stage in result.seconds})
-        return cls(
-            latents=torch.cat([result.latents for result in results], dim=2),
-            stage_images={stage: np.concatenate([r.stage_pixels[stage] for r in results if stage in r.stage_pixels], axis=-3)
-                          for stage in sorted({stage for r in results for stage in r.stage_pixels})},
-            stage_seconds={stage: max(r.seconds[stage] for r in results if stage in r.seconds) for stage in stages},
-            ranks=results,
-        )
-
-    def stage_ranks(self, count: int) -> list[list[int] | None]:
-        """Per stage, the ranks that ran it (None: not run here, e.g. before a resume)."""
-        ran = [[result.rank for result in self.ranks if stage in result.seconds] for stage in range(count)]
-        return [ranks or None for ranks in ran]
 
 
 class Executor(ABC):

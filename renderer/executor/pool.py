@@ -11,10 +11,10 @@ import logging
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from renderer.cascade.stage_loop import CheckpointSink
 from renderer.cascade.worker import Report, Worker
 from renderer.executor.base import Executor
 from renderer.executor.spec import ExecutorSpec
+from renderer.messages import CheckpointSink
 from renderer.metrics.recorder import NULL_METRICS, RenderMetrics
 from renderer.plan.render_plan import RenderPlan
 from renderer.plan.request import RenderRequest

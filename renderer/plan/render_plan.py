@@ -16,8 +16,8 @@ import torch
 from freescale_core import FreeScaleConfig
 from freescale_core.cascade import restart_index
 from renderer.cascade.stage_loop import stage_layout
-from renderer.cascade.worker import ModelInfo
 from renderer.errors import RenderError
+from renderer.messages import ModelInfo
 from renderer.plan.geometry import ModelGeometry, Size, check_fast_mode, check_stages, format_size, plan_stages
 from renderer.plan.input_image import effective_strength, input_plan, strength_restart
 from renderer.plan.memory import (CPU_RUNTIME, GiB, MemoryEstimate, checkpoint_bytes, estimate, pyramid_bytes,

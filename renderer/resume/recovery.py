@@ -8,11 +8,11 @@ import logging
 from dataclasses import replace
 from typing import Callable, TypeVar
 
-from renderer.cascade.stage_loop import StageJob
 from renderer.errors import RenderError, WorkerLost
-from renderer.executor.base import Executor, Outcome
+from renderer.executor.base import Executor
 from renderer.executor.pool import Executors, executor_class
 from renderer.executor.spec import ExecutorSpec
+from renderer.messages import Outcome, StageJob
 from renderer.plan.geometry import ModelGeometry
 from renderer.plan.render_plan import RenderPlan, check_shardable, plan_render
 from renderer.plan.request import RenderRequest
