@@ -220,7 +220,7 @@ def test_the_code_version_follows_the_code_of_the_pixels_not_the_help_text(tmp_p
         source.write_text(source.read_text().replace('"""', '"""Edited. ', 1))
         assert code_digest(tmp_path) == before, unchanged
     for changed in ("freescale_core/attention.py", "renderer/cascade/stage_loop.py", "renderer/parallel/ops.py",
-                    "renderer/vae/bands.py", "renderer/engine.py"):
+                    "renderer/vae/bands.py", "renderer/engine.py", "renderer/messages.py"):
         source = tmp_path / changed
         text = source.read_text()
         source.write_text(text + "\n# edited\n")

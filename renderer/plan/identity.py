@@ -29,6 +29,7 @@ BY_WHAT_THEY_NAME = {"model", "image", "mask", "device", "dtype", "loras"}
 # not in it, so editing those keeps every checkpoint of a farm valid.
 PIXEL_CODE = (
     "freescale_core", "renderer/cascade", "renderer/parallel", "renderer/vae", "renderer/models", "renderer/engine.py",
+    "renderer/messages.py",
     "renderer/plan/geometry.py", "renderer/plan/identity.py", "renderer/plan/input_image.py", "renderer/plan/input_mask.py",
     "renderer/plan/render_plan.py", "renderer/plan/request.py", "renderer/resume/checkpoints.py",
 )

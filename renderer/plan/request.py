@@ -16,7 +16,7 @@ from freescale_core import FreeScaleConfig
 from renderer.cascade.schedulers import SchedulerChoice, check_choice
 from renderer.errors import RenderError
 from renderer.output.tiff import TiffOptions
-from renderer.plan.geometry import ModelGeometry, Size, check_fast_mode, check_stages, format_size, plan_stages
+from renderer.plan.geometry import Size, format_size
 from renderer.vae.bands import VAE_MODES
 
 # At guidance <= 1 classifier-free guidance is off (diffusers' rule): the UNet runs the conditional branch alone.
@@ -142,21 +142,6 @@ class RenderRequest:
         from renderer.plan.input_image import check_strength
 
         check_strength(self)
-
-    def plan(self, geometry: ModelGeometry) -> list[Size]:
-        if self.image is not None:
-            from renderer.plan.input_image import input_plan
-
-            stages = input_plan(self, geometry).stages
-        elif self.stages:
-            stages = [tuple(size) for size in self.stages]
-            check_stages(stages, geometry)
-        else:
-            stages = plan_stages(self.size, geometry)
-        if self.freescale.fast_mode:
-            for size in stages[1:]:
-                check_fast_mode(size, geometry)
-        return stages
 
     @property
     def scheduler_choice(self) -> SchedulerChoice | None:
