@@ -148,3 +148,12 @@ def test_mask_of_the_wrong_aspect_is_refused_before_loading(no_weights, capsys, 
     Image.fromarray(np.zeros((100, 300), np.uint8)).save(tmp_path / "m.png")
     line = one_line_error(capsys, ["--prompt", "p", "--size", "512x512", "--mask", str(tmp_path / "m.png"), "--out", str(tmp_path / "p.tif")])
     assert "--mask" in line and "aspect ratio" in line
+
+
+def test_guidance_off_plans_the_unet_step_of_one_branch(tmp_path):
+    """At --guidance 1 every UNet call runs the conditional branch alone: its activations, half those of a CFG batch
+    of 2, are what the estimate counts (the weights and the VAE do not change)."""
+    request = RenderRequest(prompt="a kite", size=(2048, 2048), model="sdxl-random", out=tmp_path / "a.tif", workers=4)
+    guided, unguided = preflight(request), preflight(request.with_(guidance=1.0))
+    assert abs(unguided.worker.unet * 2 - guided.worker.unet) <= 1  # each rounded down to whole bytes once
+    assert (unguided.worker.weights, unguided.worker.vae) == (guided.worker.weights, guided.worker.vae)
